@@ -1,0 +1,1 @@
+"""Compiled kernels (Cython with OpenMP, and C headers under include/)."""

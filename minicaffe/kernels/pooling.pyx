@@ -1,0 +1,205 @@
+"""MAX and AVE pooling over planes, with Caffe's window arithmetic.
+
+Arrays are 3-D: (planes, height, width), where planes = N * C. Each plane is independent, so the
+planes are split statically across threads and every result is the same for any thread count.
+
+A window starts at ``p * stride - pad``. MAX pooling clips the window to the image; AVE pooling
+divides by the window size clipped to the padded image [-pad, size + pad), as Caffe does, so that
+padding counts as zeros except where a window runs past the padding.
+"""
+from cython cimport floating
+from cython.parallel cimport prange
+
+
+cdef inline int _team(Py_ssize_t items, int num_threads) noexcept nogil:
+    """Threads worth starting for ``items`` work items: never more threads than items."""
+    if items < num_threads:
+        return <int>items if items > 1 else 1
+    return num_threads if num_threads > 1 else 1
+
+
+cdef struct Geometry:
+    int height, width, pooled_height, pooled_width
+    int kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w
+
+
+cdef Geometry _geometry(const Py_ssize_t* bottom_shape, const Py_ssize_t* top_shape,
+                        int kernel_h, int kernel_w, int stride_h, int stride_w,
+                        int pad_h, int pad_w) except *:
+    if bottom_shape[0] != top_shape[0]:
+        raise ValueError("pooling: bottom and top hold different numbers of planes")
+    if kernel_h < 1 or kernel_w < 1 or stride_h < 1 or stride_w < 1:
+        raise ValueError("pooling: kernel and stride must be positive")
+    if not (0 <= pad_h < kernel_h and 0 <= pad_w < kernel_w):
+        raise ValueError("pooling: pad must be non-negative and smaller than the kernel")
+    cdef Geometry g
+    g.height, g.width = bottom_shape[1], bottom_shape[2]
+    g.pooled_height, g.pooled_width = top_shape[1], top_shape[2]
+    g.kernel_h, g.kernel_w, g.stride_h, g.stride_w = kernel_h, kernel_w, stride_h, stride_w
+    g.pad_h, g.pad_w = pad_h, pad_w
+    # Every window must overlap the image, else MAX pooling would have no element to pick.
+    if ((g.pooled_height - 1) * stride_h - pad_h >= g.height
+            or (g.pooled_width - 1) * stride_w - pad_w >= g.width):
+        raise ValueError("pooling: the last window lies outside the input")
+    return g
+
+
+# -- MAX -------------------------------------------------------------------------------------------
+
+cdef inline void _max_window(const floating* x, const Geometry* g, int h0, int h1, int pw,
+                             floating* best_out, int* best_index_out) noexcept nogil:
+    """The maximum of one window, clipped to the image, and its first position in row-major order."""
+    cdef int h, w, index
+    cdef int w0 = pw * g.stride_w - g.pad_w
+    cdef int w1 = min(w0 + g.kernel_w, g.width)
+    w0 = max(w0, 0)
+    cdef int best_index = h0 * g.width + w0
+    cdef floating best = x[best_index], v
+    for h in range(h0, h1):
+        for w in range(w0, w1):
+            index = h * g.width + w
+            v = x[index]
+            # Strict '>' keeps the first maximum, as Caffe does; selects rather than branches,
+            # because comparisons on real activations are unpredictable.
+            best_index = index if v > best else best_index
+            best = v if v > best else best
+    best_out[0] = best
+    best_index_out[0] = best_index
+
+
+cdef void _max_forward_plane(const floating* x, floating* y, int* mask,
+                             const Geometry* g) noexcept nogil:
+    cdef int ph, pw, h0, h1
+    for ph in range(g.pooled_height):
+        h0 = ph * g.stride_h - g.pad_h
+        h1 = min(h0 + g.kernel_h, g.height)
+        h0 = max(h0, 0)
+        for pw in range(g.pooled_width):
+            _max_window(x, g, h0, h1, pw, &y[ph * g.pooled_width + pw],
+                        &mask[ph * g.pooled_width + pw])
+
+
+cdef int _max_backward_plane(const floating* dy, const int* mask, floating* dx,
+                             int plane_size, int pooled_size) noexcept nogil:
+    """Scatters dy to the argmax positions; returns how many mask entries were out of range."""
+    cdef int i, bad = 0
+    for i in range(plane_size):
+        dx[i] = 0
+    for i in range(pooled_size):
+        if 0 <= mask[i] < plane_size:
+            dx[mask[i]] += dy[i]
+        else:
+            bad += 1
+    return bad
+
+
+def max_pool_forward(const floating[:, :, ::1] bottom, floating[:, :, ::1] top, int[:, :, ::1] mask,
+                     int kernel_h, int kernel_w, int stride_h, int stride_w, int pad_h, int pad_w,
+                     int num_threads):
+    """top = max over each window; mask = the argmax as an index into its plane (h * width + w)."""
+    cdef Geometry g = _geometry(&bottom.shape[0], &top.shape[0],
+                                kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w)
+    if mask.shape[0] != top.shape[0] or mask.shape[1] != top.shape[1] or mask.shape[2] != top.shape[2]:
+        raise ValueError("max_pool_forward: mask and top differ in shape")
+    cdef Py_ssize_t planes = bottom.shape[0], p
+    if planes == 0 or g.pooled_height == 0 or g.pooled_width == 0:
+        return
+    with nogil:
+        for p in prange(planes, schedule="static", num_threads=_team(planes, num_threads)):
+            _max_forward_plane(&bottom[p, 0, 0], &top[p, 0, 0], &mask[p, 0, 0], &g)
+
+
+def max_pool_backward(const floating[:, :, ::1] top_diff, const int[:, :, ::1] mask,
+                      floating[:, :, ::1] bottom_diff, int num_threads):
+    """bottom_diff = the top diffs routed back to each window's argmax (overwrites bottom_diff)."""
+    cdef Py_ssize_t planes = bottom_diff.shape[0], p
+    cdef int plane_size = bottom_diff.shape[1] * bottom_diff.shape[2]
+    cdef int pooled_size = top_diff.shape[1] * top_diff.shape[2]
+    cdef int bad = 0
+    if (top_diff.shape[0] != planes or mask.shape[0] != planes or mask.shape[1] != top_diff.shape[1]
+            or mask.shape[2] != top_diff.shape[2]):
+        raise ValueError("max_pool_backward: top_diff, mask and bottom_diff do not match")
+    if planes == 0 or plane_size == 0:
+        return
+    with nogil:
+        for p in prange(planes, schedule="static", num_threads=_team(planes, num_threads)):
+            bad += _max_backward_plane(&top_diff[p, 0, 0], &mask[p, 0, 0], &bottom_diff[p, 0, 0],
+                                       plane_size, pooled_size)
+    if bad:
+        raise ValueError(f"max_pool_backward: {bad} mask entries point outside their plane")
+
+
+# -- AVE -------------------------------------------------------------------------------------------
+
+cdef inline int _ave_rows(const Geometry* g, int ph, int* h0, int* h1) noexcept nogil:
+    """Clips output row ph's window to the image rows [h0, h1); returns its height in the padded
+    image, the factor of Caffe's pool_size that comes from the rows."""
+    cdef int start = ph * g.stride_h - g.pad_h
+    cdef int end = min(start + g.kernel_h, g.height + g.pad_h)
+    h0[0] = max(start, 0)
+    h1[0] = min(end, g.height)
+    return end - start
+
+
+cdef inline int _ave_columns(const Geometry* g, int pw, int* w0, int* w1) noexcept nogil:
+    cdef int start = pw * g.stride_w - g.pad_w
+    cdef int end = min(start + g.kernel_w, g.width + g.pad_w)
+    w0[0] = max(start, 0)
+    w1[0] = min(end, g.width)
+    return end - start
+
+
+cdef void _ave_forward_plane(const floating* x, floating* y, const Geometry* g) noexcept nogil:
+    cdef int ph, pw, h, w, h0, h1, w0, w1, rows, pool_size
+    cdef floating total
+    for ph in range(g.pooled_height):
+        rows = _ave_rows(g, ph, &h0, &h1)
+        for pw in range(g.pooled_width):
+            pool_size = rows * _ave_columns(g, pw, &w0, &w1)
+            total = 0
+            for h in range(h0, h1):
+                for w in range(w0, w1):
+                    total = total + x[h * g.width + w]
+            y[ph * g.pooled_width + pw] = total / pool_size
+
+
+cdef void _ave_backward_plane(const floating* dy, floating* dx, const Geometry* g) noexcept nogil:
+    cdef int i, ph, pw, h, w, h0, h1, w0, w1, rows
+    cdef floating share
+    for i in range(g.height * g.width):
+        dx[i] = 0
+    for ph in range(g.pooled_height):
+        rows = _ave_rows(g, ph, &h0, &h1)
+        for pw in range(g.pooled_width):
+            share = dy[ph * g.pooled_width + pw] / (rows * _ave_columns(g, pw, &w0, &w1))
+            for h in range(h0, h1):
+                for w in range(w0, w1):
+                    dx[h * g.width + w] += share
+
+
+def ave_pool_forward(const floating[:, :, ::1] bottom, floating[:, :, ::1] top,
+                     int kernel_h, int kernel_w, int stride_h, int stride_w, int pad_h, int pad_w,
+                     int num_threads):
+    """top = the mean over each window, padding counted as zeros (Caffe's AVE pooling)."""
+    cdef Geometry g = _geometry(&bottom.shape[0], &top.shape[0],
+                                kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w)
+    cdef Py_ssize_t planes = bottom.shape[0], p
+    if planes == 0 or g.pooled_height == 0 or g.pooled_width == 0:
+        return
+    with nogil:
+        for p in prange(planes, schedule="static", num_threads=_team(planes, num_threads)):
+            _ave_forward_plane(&bottom[p, 0, 0], &top[p, 0, 0], &g)
+
+
+def ave_pool_backward(const floating[:, :, ::1] top_diff, floating[:, :, ::1] bottom_diff,
+                      int kernel_h, int kernel_w, int stride_h, int stride_w, int pad_h, int pad_w,
+                      int num_threads):
+    """bottom_diff = each top diff spread evenly over its window (overwrites bottom_diff)."""
+    cdef Geometry g = _geometry(&bottom_diff.shape[0], &top_diff.shape[0],
+                                kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w)
+    cdef Py_ssize_t planes = bottom_diff.shape[0], p
+    if planes == 0 or g.height == 0 or g.width == 0:
+        return
+    with nogil:
+        for p in prange(planes, schedule="static", num_threads=_team(planes, num_threads)):
+            _ave_backward_plane(&top_diff[p, 0, 0], &bottom_diff[p, 0, 0], &g)

@@ -1,0 +1,145 @@
+"""2-D convolution, as Caffe's ConvolutionLayer (kernels in minicaffe/kernels/conv.pyx)."""
+import threading
+
+import numpy as np
+
+from minicaffe.errors import MinicaffeError
+from minicaffe.filler import fill_blob
+from minicaffe.kernels import conv
+from minicaffe.kernels.parallel import num_threads
+from minicaffe.layer import Layer, register
+
+
+class _Scratch(threading.local):
+    """Scratch memory shared by every convolution run from one thread.
+
+    Layers run one after another, so one grow-only buffer per dtype serves them all: a deep net
+    needs the largest layer's workspace once instead of every layer's.
+    """
+
+    def __init__(self):
+        self.buffers = {}
+
+    def get(self, size, dtype):
+        buffer = self.buffers.get(dtype)
+        if buffer is None or buffer.size < size:
+            buffer = self.buffers[dtype] = np.empty(max(size, 1), dtype)
+        return buffer
+
+
+_scratch = _Scratch()
+
+
+def spatial_pair(layer, param, field, default, h_field=None, w_field=None):
+    """One 2-D setting from ``field`` (repeated: one value or two) or from ``h_field``/``w_field``."""
+    values = list(getattr(param, field))
+    if h_field and (param.HasField(h_field) or param.HasField(w_field)):
+        if values:
+            raise layer.error(f"give {field} or {h_field}/{w_field}, not both")
+        return getattr(param, h_field), getattr(param, w_field)
+    if len(values) > 2:
+        raise layer.error(f"{field} has {len(values)} values; a 2-D convolution takes one or two")
+    if not values:
+        if default is None:
+            raise layer.error(f"needs {field}, or {h_field} and {w_field}")
+        return default, default
+    return (values[0], values[0]) if len(values) == 1 else tuple(values)
+
+
+def fill_param(layer, blob, filler_param, field):
+    try:
+        fill_blob(blob, filler_param, where=field)
+    except MinicaffeError as err:
+        raise layer.error(str(err)) from None
+
+
+@register("Convolution")
+class ConvolutionLayer(Layer):
+    """Convolves each bottom (N, C, H, W) with weights [num_output, C / group, kh, kw].
+
+    Several bottoms share the weights, each giving its own top. The output size follows Caffe:
+    (H + 2 * pad - (dilation * (kernel - 1) + 1)) // stride + 1.
+    """
+
+    min_bottom = 1
+    min_top = 1
+
+    def setup(self, bottom, top):
+        p = self.param.convolution_param
+        if len(bottom) != len(top):
+            raise self.error(f"needs one top per bottom, got {len(bottom)} bottoms and {len(top)} tops")
+        if len(bottom[0].shape) != 4:
+            raise self.error(f"needs a 4-D bottom (N, C, H, W), got shape {bottom[0].shape}; "
+                             f"only 2-D convolution is supported")
+        if p.axis not in (1, -3):
+            raise self.error(f"axis {p.axis} is not supported; channels must be axis 1 of (N, C, H, W)")
+        self.kernel = spatial_pair(self, p, "kernel_size", None, "kernel_h", "kernel_w")
+        self.pad = spatial_pair(self, p, "pad", 0, "pad_h", "pad_w")
+        self.stride = spatial_pair(self, p, "stride", 1, "stride_h", "stride_w")
+        self.dilation = spatial_pair(self, p, "dilation", 1)
+        for name, pair in (("kernel size", self.kernel), ("stride", self.stride), ("dilation", self.dilation)):
+            if min(pair) < 1:
+                raise self.error(f"{name} must be positive, got {pair[0]} x {pair[1]}")
+        self.num_output = p.num_output
+        if self.num_output < 1:
+            raise self.error("num_output must be positive")
+        self.group = p.group
+        channels = bottom[0].shape[1]
+        if self.group < 1 or channels % self.group or self.num_output % self.group:
+            raise self.error(f"group {self.group} must divide both the input channels ({channels}) "
+                             f"and num_output ({self.num_output})")
+        self.bias_term = p.bias_term
+        weight = self.new_param_blob((self.num_output, channels // self.group, *self.kernel), "weight")
+        fill_param(self, weight, p.weight_filler, "weight_filler")
+        self.blobs = [weight]
+        if self.bias_term:
+            bias = self.new_param_blob((self.num_output,), "bias")
+            fill_param(self, bias, p.bias_filler, "bias_filler")
+            self.blobs.append(bias)
+
+    def reshape(self, bottom, top):
+        shape = bottom[0].shape
+        weight_shape = self.blobs[0].shape
+        if len(shape) != 4:
+            raise self.error(f"needs a 4-D bottom (N, C, H, W), got shape {shape}")
+        if shape[1] != weight_shape[1] * self.group:
+            raise self.error(f"bottom shape {shape} does not fit weight shape {weight_shape} with group "
+                             f"{self.group}: expected {weight_shape[1] * self.group} channels")
+        for i, b in enumerate(bottom[1:], start=1):
+            if b.shape != shape:
+                raise self.error(f"all bottoms must have the same shape; bottom 0 is {shape}, "
+                                 f"bottom {i} is {b.shape}")
+        out = []
+        for axis in range(2):
+            size = shape[2 + axis]
+            extent = self.dilation[axis] * (self.kernel[axis] - 1) + 1
+            out.append((size + 2 * self.pad[axis] - extent) // self.stride[axis] + 1)
+            if out[-1] < 1:
+                raise self.error(f"a {self.kernel[0]}x{self.kernel[1]} kernel (dilation "
+                                 f"{self.dilation[0]}x{self.dilation[1]}, pad {self.pad[0]}x{self.pad[1]}) "
+                                 f"does not fit bottom shape {shape}")
+        for t in top:
+            t.reshape((shape[0], self.num_output, *out))
+        self._workspace_for(shape, bottom[0].dtype)
+
+    def _workspace_for(self, shape, dtype):
+        dtype = np.dtype(dtype)
+        size = conv.conv_workspace_size(shape, self.blobs[0].shape, self.pad, self.stride, self.dilation,
+                                        self.group, dtype.itemsize, num_threads())
+        return _scratch.get(size, dtype)
+
+    def forward(self, bottom, top):
+        workspace = self._workspace_for(bottom[0].shape, bottom[0].dtype)
+        weight = self.blobs[0].data
+        bias = self.blobs[1].data if self.bias_term else None
+        for b, t in zip(bottom, top):
+            conv.conv_forward(b.data, weight, bias, t.data, self.pad, self.stride, self.dilation,
+                              self.group, workspace)
+
+    def backward(self, top, propagate_down, bottom):
+        workspace = self._workspace_for(bottom[0].shape, bottom[0].dtype)
+        weight = self.blobs[0]
+        bias_diff = self.blobs[1].diff if self.bias_term else None
+        for t, down, b in zip(top, propagate_down, bottom):
+            conv.conv_backward(b.data, weight.data, t.diff, b.diff if down else None, weight.diff, bias_diff,
+                               self.pad, self.stride, self.dilation, self.group, workspace)

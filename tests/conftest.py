@@ -1,0 +1,36 @@
+"""Shared fixtures: small synthetic IDX datasets, the repository paths, and running the tools."""
+import gzip
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_PROTOTXT = REPO.parent / "shared" / "caffe-prototxt"
+
+
+def write_idx(path, array, magic):
+    with gzip.open(path, "wb") as f:
+        f.write(struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in array.shape))
+        f.write(array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture
+def tiny_idx(tmp_path):
+    """50 8x8 images in 4 classes that a small net can tell apart; returns the images file."""
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, size=50)
+    images = (rng.integers(0, 60, size=(50, 8, 8)) + 40 * labels[:, None, None]).astype(np.uint8)
+    write_idx(tmp_path / "tiny-images-idx3-ubyte.gz", images, 0x803)
+    write_idx(tmp_path / "tiny-labels-idx1-ubyte.gz", labels, 0x801)
+    return tmp_path / "tiny-images-idx3-ubyte.gz"
+
+
+def run_tool(tool, *args, cwd=None, timeout=300):
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    return subprocess.run([sys.executable, str(REPO / "tools" / tool), *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout, env=env)
