@@ -120,7 +120,9 @@ def report(results):
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}")
     for coretype, res in results.items():
         libraries = ", ".join(f"{lib} ({arch})" for lib, arch in res["blas"] if arch)
-        shown = f"{coretype} (= {os.environ.get('OPENBLAS_CORETYPE', 'unset')})" if coretype == "inherit" else coretype
+        shown = coretype
+        if coretype == "inherit":
+            shown += f" (= {os.environ.get('OPENBLAS_CORETYPE', 'unset')})"
         print(f"# OPENBLAS_CORETYPE {shown}: {libraries}")
     print("\nsgemm GFLOP/s (median)  " + "  ".join(f"{c}:{t}t" for c in coretypes for t in thread_counts))
     for i, (name, m, n, k) in enumerate(GEMM_SHAPES):

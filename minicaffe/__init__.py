@@ -7,7 +7,11 @@ The Python API follows pycaffe::
     out = net.forward(data=images)
     solver = minicaffe.get_solver("solver.prototxt"); solver.step(100)
 """
-from .blob import Blob
+from .cpu import configure_native_libraries
+
+configure_native_libraries()
+
+from .blob import Blob  # noqa: E402  (BLAS settings must be in place before NumPy and SciPy load)
 from .errors import MinicaffeError
 from .layer import Layer, layer_type_list, register
 from .net import TEST, TRAIN, Net

@@ -72,7 +72,8 @@ def conv_ref(x, w, bias, pad, stride, dilation, group):
             for j in range(kw):
                 rows, cols = window_slices(oh, ow, i, j, stride, dilation)
                 patch = padded[:, g * cg:(g + 1) * cg, rows, cols]
-                y[:, g * mg:(g + 1) * mg] += np.einsum("nchw,mc->nmhw", patch, w[g * mg:(g + 1) * mg, :, i, j])
+                y[:, g * mg:(g + 1) * mg] += np.einsum("nchw,mc->nmhw", patch,
+                                                       w[g * mg:(g + 1) * mg, :, i, j])
     if bias is not None:
         y += bias[None, :, None, None]
     return y
@@ -311,7 +312,8 @@ def test_conv_rejects_inconsistent_shapes():
 
 @pytest.mark.parametrize("num_threads", [1, 2, 3])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("m, n, k", [(64, 500, 800), (500, 64, 800), (3, 7, 5), (1, 300, 1000), (257, 33, 129)])
+@pytest.mark.parametrize("m, n, k", [(64, 500, 800), (500, 64, 800), (3, 7, 5), (1, 300, 1000),
+                                     (257, 33, 129)])
 @pytest.mark.parametrize("trans_a, trans_b", [(False, False), (True, False), (False, True), (True, True)])
 def test_matmul_matches_numpy(threads, num_threads, dtype, m, n, k, trans_a, trans_b):
     threads(num_threads)
@@ -328,13 +330,16 @@ def test_matmul_matches_numpy(threads, num_threads, dtype, m, n, k, trans_a, tra
     np.testing.assert_allclose(c, expected, **tol)
 
 
-def test_matmul_on_row_strided_views():
+def test_matmul_on_row_strided_and_read_only_views():
     rng = np.random.default_rng(0)
     big = rng.standard_normal((40, 50))
     a, b = big[:10, :20], big[10:30, 5:12]
     c = np.zeros((12, 7))[2:12]
     blas.matmul(a, b, c)
     np.testing.assert_allclose(c, a @ b, rtol=1e-12)
+    a.flags.writeable = False
+    blas.matmul(a, b, c, beta=1.0)
+    np.testing.assert_allclose(c, 2 * (a @ b), rtol=1e-12)
 
 
 def test_matmul_rejects_bad_shapes():
@@ -342,6 +347,10 @@ def test_matmul_rejects_bad_shapes():
         blas.matmul(np.zeros((3, 4)), np.zeros((5, 6)), np.zeros((3, 6)))
     with pytest.raises(ValueError, match="contiguous"):
         blas.matmul(np.zeros((3, 8))[:, ::2], np.zeros((4, 6)), np.zeros((3, 6)))
+    with pytest.raises(ValueError, match="overlap"):
+        blas.matmul(np.broadcast_to(np.zeros(4), (3, 4)), np.zeros((4, 6)), np.zeros((3, 6)))
+    with pytest.raises(ValueError, match="overlap"):
+        blas.matmul(np.zeros((3, 4))[::-1], np.zeros((4, 6)), np.zeros((3, 6)))
 
 
 def test_thread_count_setting(threads):

@@ -126,12 +126,16 @@ def test_convolution_follows_a_new_input_shape():
 
 @pytest.mark.parametrize("text, shape, message", [
     ("num_output: 4", (1, 3, 5, 5), "needs kernel_size, or kernel_h and kernel_w"),
-    ("num_output: 4 kernel_size: 3 kernel_h: 3 kernel_w: 3", (1, 3, 5, 5), "give kernel_size or kernel_h/kernel_w, not both"),
-    ("num_output: 4 kernel_size: 3 kernel_size: 3 kernel_size: 3", (1, 3, 5, 5), "a 2-D convolution takes one or two"),
+    ("num_output: 4 kernel_size: 3 kernel_h: 3 kernel_w: 3", (1, 3, 5, 5),
+     "give kernel_size or kernel_h/kernel_w, not both"),
+    ("num_output: 4 kernel_size: 3 kernel_size: 3 kernel_size: 3", (1, 3, 5, 5),
+     "a 2-D convolution takes one or two"),
     ("num_output: 4 kernel_h: 3", (1, 3, 5, 5), "kernel size must be positive, got 3 x 0"),
     ("num_output: 4 kernel_size: 3 stride: 0", (1, 3, 5, 5), "stride must be positive"),
+    ("num_output: 4 kernel_size: 3 dilation: 0", (1, 3, 5, 5), "dilation must be positive"),
     ("num_output: 0 kernel_size: 3", (1, 3, 5, 5), "num_output must be positive"),
-    ("num_output: 4 kernel_size: 3 group: 2", (1, 3, 5, 5), "group 2 must divide both the input channels \\(3\\)"),
+    ("num_output: 4 kernel_size: 3 group: 2", (1, 3, 5, 5),
+     "group 2 must divide both the input channels \\(3\\)"),
     ("num_output: 3 kernel_size: 3 group: 2", (1, 4, 5, 5), "and num_output \\(3\\)"),
     ("num_output: 4 kernel_size: 3 axis: 2", (1, 3, 5, 5), "axis 2 is not supported"),
     ("num_output: 4 kernel_size: 3", (1, 3, 5, 5, 5), "only 2-D convolution is supported"),
@@ -151,7 +155,8 @@ def test_convolution_rejects_inputs_that_no_longer_fit_its_weights():
     bottoms = make_bottoms([(1, 3, 5, 5)])
     tops = setup_layer(layer, bottoms, 1)
     bottoms[0].reshape((1, 2, 5, 5))
-    with pytest.raises(LayerError, match=r"bottom shape \(1, 2, 5, 5\) does not fit weight shape \(4, 3, 3, 3\)"):
+    with pytest.raises(LayerError,
+                       match=r"bottom shape \(1, 2, 5, 5\) does not fit weight shape \(4, 3, 3, 3\)"):
         layer.reshape(bottoms, tops)
     two = make_bottoms([(1, 3, 5, 5), (1, 3, 6, 6)])
     layer = make_layer("num_output: 4 kernel_size: 3")
@@ -203,7 +208,8 @@ def test_inner_product_keeps_its_top_shape_before_axis():
 @pytest.mark.parametrize("text, shape, message", [
     ("num_output: 0", (2, 3), "num_output must be positive"),
     ("num_output: 2 axis: 3", (2, 3), "axis 3 out of range for a blob of shape \\(2, 3\\)"),
-    ("num_output: 2 weight_filler { type: \"bilinear\" }", (2, 3), "weight_filler: bilinear needs a 4-D blob"),
+    ("num_output: 2 weight_filler { type: \"bilinear\" }", (2, 3),
+     "weight_filler: bilinear needs a 4-D blob"),
 ])
 def test_inner_product_errors(text, shape, message):
     with pytest.raises(LayerError, match=message) as info:

@@ -25,10 +25,12 @@ cdef int _leading_dim(Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t row_stride, P
         raise ValueError(f"matmul: the rows of {name} must be contiguous")
     if rows <= 1:
         return max(cols, 1)
-    return max(row_stride // itemsize, cols, 1)
+    if row_stride < cols * itemsize or row_stride % itemsize:
+        raise ValueError(f"matmul: the rows of {name} overlap or are misaligned")
+    return max(row_stride // itemsize, 1)
 
 
-def matmul(floating[:, :] a, floating[:, :] b, floating[:, :] c, bint trans_a=False,
+def matmul(const floating[:, :] a, const floating[:, :] b, floating[:, :] c, bint trans_a=False,
            bint trans_b=False, double alpha=1.0, double beta=0.0):
     """C = alpha * op(A) @ op(B) + beta * C, op being a transpose where ``trans_a``/``trans_b``."""
     cdef int m = c.shape[0], n = c.shape[1]

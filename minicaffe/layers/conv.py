@@ -77,7 +77,8 @@ class ConvolutionLayer(Layer):
         self.pad = spatial_pair(self, p, "pad", 0, "pad_h", "pad_w")
         self.stride = spatial_pair(self, p, "stride", 1, "stride_h", "stride_w")
         self.dilation = spatial_pair(self, p, "dilation", 1)
-        for name, pair in (("kernel size", self.kernel), ("stride", self.stride), ("dilation", self.dilation)):
+        for name, pair in (("kernel size", self.kernel), ("stride", self.stride),
+                           ("dilation", self.dilation)):
             if min(pair) < 1:
                 raise self.error(f"{name} must be positive, got {pair[0]} x {pair[1]}")
         self.num_output = p.num_output
