@@ -6,16 +6,10 @@ own, so results do not depend on the thread count. Input and output may be the s
 """
 from cython cimport floating
 from cython.parallel cimport prange
+from minicaffe.kernels.parallel cimport team_size
 
 # Elements per work item: large enough to amortize the scheduling, small enough to balance threads.
 cdef Py_ssize_t CHUNK = 16384
-
-
-cdef inline int _team(Py_ssize_t items, int num_threads) noexcept nogil:
-    """Threads worth starting for ``items`` work items: never more threads than items."""
-    if items < num_threads:
-        return <int>items if items > 1 else 1
-    return num_threads if num_threads > 1 else 1
 
 
 cdef inline void _relu_forward_chunk(const floating* x, floating* y, Py_ssize_t n,
@@ -47,7 +41,7 @@ def relu_forward(const floating[::1] x, floating[::1] y, double negative_slope, 
     if y.shape[0] != n:
         raise ValueError("relu_forward: x and y differ in size")
     with nogil:
-        for c in prange(chunks, schedule="static", num_threads=_team(chunks, num_threads)):
+        for c in prange(chunks, schedule="static", num_threads=team_size(chunks, num_threads)):
             start = c * CHUNK
             _relu_forward_chunk(&x[start], &y[start], min(CHUNK, n - start), slope)
 
@@ -64,6 +58,6 @@ def relu_backward(const floating[::1] x, const floating[::1] dy, floating[::1] d
     if dy.shape[0] != n or dx.shape[0] != n:
         raise ValueError("relu_backward: x, dy and dx differ in size")
     with nogil:
-        for c in prange(chunks, schedule="static", num_threads=_team(chunks, num_threads)):
+        for c in prange(chunks, schedule="static", num_threads=team_size(chunks, num_threads)):
             start = c * CHUNK
             _relu_backward_chunk(&x[start], &dy[start], &dx[start], min(CHUNK, n - start), slope)

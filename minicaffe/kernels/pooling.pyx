@@ -9,13 +9,7 @@ padding counts as zeros except where a window runs past the padding.
 """
 from cython cimport floating
 from cython.parallel cimport prange
-
-
-cdef inline int _team(Py_ssize_t items, int num_threads) noexcept nogil:
-    """Threads worth starting for ``items`` work items: never more threads than items."""
-    if items < num_threads:
-        return <int>items if items > 1 else 1
-    return num_threads if num_threads > 1 else 1
+from minicaffe.kernels.parallel cimport team_size
 
 
 cdef struct Geometry:
@@ -105,7 +99,7 @@ def max_pool_forward(const floating[:, :, ::1] bottom, floating[:, :, ::1] top, 
     if planes == 0 or g.pooled_height == 0 or g.pooled_width == 0:
         return
     with nogil:
-        for p in prange(planes, schedule="static", num_threads=_team(planes, num_threads)):
+        for p in prange(planes, schedule="static", num_threads=team_size(planes, num_threads)):
             _max_forward_plane(&bottom[p, 0, 0], &top[p, 0, 0], &mask[p, 0, 0], &g)
 
 
@@ -122,7 +116,7 @@ def max_pool_backward(const floating[:, :, ::1] top_diff, const int[:, :, ::1] m
     if planes == 0 or plane_size == 0:
         return
     with nogil:
-        for p in prange(planes, schedule="static", num_threads=_team(planes, num_threads)):
+        for p in prange(planes, schedule="static", num_threads=team_size(planes, num_threads)):
             bad += _max_backward_plane(&top_diff[p, 0, 0], &mask[p, 0, 0], &bottom_diff[p, 0, 0],
                                        plane_size, pooled_size)
     if bad:
@@ -187,7 +181,7 @@ def ave_pool_forward(const floating[:, :, ::1] bottom, floating[:, :, ::1] top,
     if planes == 0 or g.pooled_height == 0 or g.pooled_width == 0:
         return
     with nogil:
-        for p in prange(planes, schedule="static", num_threads=_team(planes, num_threads)):
+        for p in prange(planes, schedule="static", num_threads=team_size(planes, num_threads)):
             _ave_forward_plane(&bottom[p, 0, 0], &top[p, 0, 0], &g)
 
 
@@ -201,5 +195,5 @@ def ave_pool_backward(const floating[:, :, ::1] top_diff, floating[:, :, ::1] bo
     if planes == 0 or g.height == 0 or g.width == 0:
         return
     with nogil:
-        for p in prange(planes, schedule="static", num_threads=_team(planes, num_threads)):
+        for p in prange(planes, schedule="static", num_threads=team_size(planes, num_threads)):
             _ave_backward_plane(&top_diff[p, 0, 0], &bottom_diff[p, 0, 0], &g)

@@ -10,6 +10,7 @@ from cython cimport floating
 from cython.parallel cimport prange
 from libc.float cimport FLT_MIN
 from libc.math cimport exp, expf, log
+from minicaffe.kernels.parallel cimport team_size
 
 import numpy as np
 
@@ -24,13 +25,6 @@ cdef enum:
 ctypedef fused label_t:
     float
     double
-
-
-cdef inline int _team(Py_ssize_t items, int num_threads) noexcept nogil:
-    """Threads worth starting for ``items`` work items: never more threads than items."""
-    if items < num_threads:
-        return <int>items if items > 1 else 1
-    return num_threads if num_threads > 1 else 1
 
 
 cdef inline floating _exp(floating v) noexcept nogil:
@@ -112,7 +106,7 @@ def softmax_forward(const floating[:, :, ::1] x, floating[:, :, ::1] y, int num_
     if channels == 0:
         return
     with nogil:
-        for k in prange(items, schedule="static", num_threads=_team(items, num_threads)):
+        for k in prange(items, schedule="static", num_threads=team_size(items, num_threads)):
             i = k // tiles
             j0 = (k % tiles) * TILE
             _softmax_tile(&x[i, 0, j0], &y[i, 0, j0], channels, inner, min(<Py_ssize_t>TILE, inner - j0))
@@ -129,7 +123,7 @@ def softmax_backward(const floating[:, :, ::1] y, const floating[:, :, ::1] dy,
     if channels == 0:
         return
     with nogil:
-        for k in prange(items, schedule="static", num_threads=_team(items, num_threads)):
+        for k in prange(items, schedule="static", num_threads=team_size(items, num_threads)):
             i = k // tiles
             j0 = (k % tiles) * TILE
             _softmax_backward_tile(&y[i, 0, j0], &dy[i, 0, j0], &dx[i, 0, j0], channels, inner,
@@ -177,7 +171,7 @@ def softmax_loss_forward(const floating[:, :, ::1] prob, const label_t[:, ::1] l
     cdef Py_ssize_t[::1] bad = np.full(items, -1, dtype=np.intp)
     if items and channels:
         with nogil:
-            for k in prange(items, schedule="static", num_threads=_team(items, num_threads)):
+            for k in prange(items, schedule="static", num_threads=team_size(items, num_threads)):
                 i = k // tiles
                 j0 = (k % tiles) * TILE
                 bad[k] = _loss_tile(&prob[i, 0, j0], &labels[i, j0], channels, inner,
@@ -223,7 +217,7 @@ def softmax_loss_backward(const floating[:, :, ::1] prob, const label_t[:, ::1] 
     if channels == 0:
         return
     with nogil:
-        for k in prange(items, schedule="static", num_threads=_team(items, num_threads)):
+        for k in prange(items, schedule="static", num_threads=team_size(items, num_threads)):
             i = k // tiles
             j0 = (k % tiles) * TILE
             _loss_backward_tile(&prob[i, 0, j0], &labels[i, j0], &dx[i, 0, j0], channels, inner,
