@@ -65,7 +65,10 @@ class Blob:
             raise MinicaffeError(f"axis {axis} out of range for a blob of shape {self._shape}")
         return axis + n if axis < 0 else axis
 
-    def reshape(self, shape):
+    def reshape(self, *shape):
+        """``reshape((2, 3))`` or, as pycaffe's Blob, ``reshape(2, 3)``."""
+        if len(shape) == 1 and not isinstance(shape[0], (int, np.integer)):
+            shape = shape[0]
         shape = tuple(int(d) for d in shape)
         if any(d < 0 for d in shape):
             raise MinicaffeError(f"blob '{self.name}': negative dimension in shape {shape}")
@@ -75,6 +78,18 @@ class Blob:
             self._data_buf = np.zeros(n, dtype=self.dtype)
         if self._diff_owner is self and self._diff_buf.size < n:
             self._diff_buf = np.zeros(n, dtype=self.dtype)
+
+    # pycaffe's legacy 4-D accessors.
+    num = property(lambda self: self._legacy_dim(0))
+    channels = property(lambda self: self._legacy_dim(1))
+    height = property(lambda self: self._legacy_dim(2))
+    width = property(lambda self: self._legacy_dim(3))
+
+    def _legacy_dim(self, index):
+        if self.num_axes > 4:
+            raise MinicaffeError(f"blob '{self.name}' has {self.num_axes} axes; use .shape")
+        padded = self._shape + (1,) * (4 - self.num_axes)
+        return padded[index]
 
     def reshape_like(self, other):
         self.reshape(other.shape)

@@ -10,6 +10,7 @@ one line and exits with status 1; no traceback.
 import argparse
 import json
 import os
+import resource
 import statistics
 import sys
 import time
@@ -229,6 +230,11 @@ def time_net(args):
         log.info(f"Average Forward-Backward: {fb:.6g} ms.")
         log.info(f"Total Time: {sum(iteration_ms):.6g} ms.")
         log.info("*** Benchmark ends ***")
+        peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        # What training needs: every blob's data and diff, plus one history buffer per parameter.
+        needed = net.blob_bytes() + sum(p.data.nbytes for p in net.learnable_params)
+        log.info(f"Peak resident memory: {peak_rss / 2**20:.1f} MiB (blobs, diffs and history: "
+                 f"{needed / 2**20:.1f} MiB)")
         if args.json:
             batch = net.batch_size()
             median_fb = statistics.median(iteration_ms)
@@ -236,6 +242,7 @@ def time_net(args):
                 "net": net.name, "batch": batch, "iterations": args.iterations, "threads": num_threads(),
                 "forward_ms": total_forward, "backward_ms": total_backward, "forward_backward_ms": fb,
                 "forward_backward_ms_median": median_fb,
+                "peak_rss_mb": peak_rss / 2**20, "blob_mb": needed / 2**20,
                 "images_per_s": batch / (median_fb / 1e3) if median_fb > 0 else None,
                 "layers": [{"name": name, "type": layer.type_name, "forward_ms": mean(f), "backward_ms": mean(b)}
                            for name, layer, f, b in zip(net.layer_names, net.layers, forward_ms, backward_ms)],

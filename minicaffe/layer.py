@@ -74,6 +74,9 @@ class Layer:
         self.name = param.name
         self.blobs = []
         self.loss_weights = []
+        # Per parameter blob: does the solver want its gradient? (False for lr_mult 0, as Caffe's
+        # param_propagate_down.) Layers may skip computing gradients the solver will not use.
+        self.param_propagate_down = []
 
     # -- the four methods --------------------------------------------------------------------------
     def setup(self, bottom, top):
@@ -111,6 +114,7 @@ class Layer:
         """Arity check, setup, reshape: what the net calls once when it builds the layer."""
         self.check_arity(bottom, top)
         self.setup(bottom, top)
+        self.param_propagate_down = [True] * len(self.blobs)
         self.reshape(bottom, top)
 
     def allow_force_backward(self, bottom_index):

@@ -117,7 +117,8 @@ class Net:
                     need = need and lp.propagate_down[i]
                 bottom_need.append(need)
                 need_backward |= need
-            need_backward |= any(self._param_lr(layer, lp, j) != 0 for j in range(len(layer.blobs)))
+            layer.param_propagate_down = [self._param_lr(layer, lp, j) != 0 for j in range(len(layer.blobs))]
+            need_backward |= any(layer.param_propagate_down)
             for name in lp.top:
                 blob_need_backward[name] = need_backward
 
@@ -134,6 +135,7 @@ class Net:
             # As Caffe: every layer runs backward, to each bottom the layer allows (never to labels).
             for i, layer in enumerate(self.layers):
                 self.layer_need_backward[i] = True
+                layer.param_propagate_down = [True] * len(layer.blobs)
                 self.bottom_need_backward[i] = [need or layer.allow_force_backward(j)
                                                 for j, need in enumerate(self.bottom_need_backward[i])]
         self.layer_dict = collections.OrderedDict(zip(self.layer_names, self.layers))
@@ -223,6 +225,14 @@ class Net:
         """Writes each loss top's weight into its diff: the gradient of the total loss w.r.t. it."""
         for top, w in self.loss_terms:
             top.diff[...] = w
+
+    def blob_bytes(self):
+        """Bytes held by the net's blobs and parameters, data and diff (shared buffers counted once)."""
+        buffers = {}
+        for blob in list(self.blobs.values()) + [b for blobs in self.params.values() for b in blobs]:
+            for buf in (blob._data_owner._data_buf, blob._diff_owner._diff_buf):
+                buffers[id(buf)] = buf.nbytes
+        return sum(buffers.values())
 
     def batch_size(self):
         """The leading dimension of the first layer's first top (the data batch)."""

@@ -239,3 +239,14 @@ def test_copy_from_reports_shape_mismatch_and_truncation(tmp_path):
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(MinicaffeError, match="truncated or corrupt"):
         small.copy_from(str(path))
+
+
+def test_frozen_parameters_get_no_gradient():
+    text = "force_backward: false " + INPUT + ip("a", "data", 3, "param { lr_mult: 0 } param { lr_mult: 1 }") \
+        + ip("b", "a", 3) + loss("l", "b")
+    net = Net(net_param(text), phase=minicaffe.TRAIN)
+    assert net.layer_dict["a"].param_propagate_down == [False, True]
+    feed(net)
+    net.clear_param_diffs()
+    net.forward_backward()
+    assert not net.params["a"][0].diff.any() and net.params["a"][1].diff.any()

@@ -69,11 +69,12 @@ class InnerProductLayer(Layer):
         x = bottom[0].data.reshape(self.rows, self.inputs)
         dy = top[0].diff.reshape(self.rows, self.num_output)
         weight = self.blobs[0]
-        if self.transpose:
-            matmul(x, dy, weight.diff, trans_a=True, beta=1.0)
-        else:
-            matmul(dy, x, weight.diff, trans_a=True, beta=1.0)
-        if self.bias_term:
+        if self.param_propagate_down[0]:
+            if self.transpose:
+                matmul(x, dy, weight.diff, trans_a=True, beta=1.0)
+            else:
+                matmul(dy, x, weight.diff, trans_a=True, beta=1.0)
+        if self.bias_term and self.param_propagate_down[1]:
             matmul(self.ones[:self.rows].reshape(1, self.rows), dy,
                    self.blobs[1].diff.reshape(1, self.num_output), beta=1.0)
         if propagate_down[0]:
