@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 
-from . import prototxt
+from . import hdf5_io, prototxt
 from .blob import Blob
 from .errors import MinicaffeError
 from .layer import create_layer, layer_class
@@ -324,8 +324,12 @@ class Net:
         return param
 
     def save(self, path, write_diff=False):
-        """Writes the weights as a binary .caffemodel that BVLC Caffe reads, atomically."""
-        prototxt.write_binary_atomic(path, self.to_proto(write_diff))
+        """Writes the weights atomically: in Caffe's HDF5 layout when ``path`` ends in .h5, otherwise as
+        a binary .caffemodel; BVLC Caffe reads both."""
+        if os.fspath(path).endswith(".h5"):
+            hdf5_io.save_net_hdf5(self, path, write_diff)
+        else:
+            prototxt.write_binary_atomic(path, self.to_proto(write_diff))
 
     def copy_from(self, source, require_all=False):
         """Loads weights from a .caffemodel path or a NetParameter, matching layers by name.
@@ -333,6 +337,9 @@ class Net:
         Layers of the file that the net lacks are ignored, as in Caffe. With ``require_all`` (used when
         resuming) every layer of the net that has parameters must be found in the file.
         """
+        if isinstance(source, (str, os.PathLike)) and hdf5_io.is_hdf5_file(source):
+            hdf5_io.load_net_hdf5(self, source, require_all)
+            return
         if isinstance(source, (str, os.PathLike)):
             where = str(source)
             source = prototxt.read_binary(where, pb.NetParameter(), "caffemodel")
@@ -352,6 +359,13 @@ class Net:
                                      f"{len(target.blobs)} in the net")
             for j, (blob_proto, blob) in enumerate(zip(lp.blobs, target.blobs)):
                 blob.from_proto(blob_proto, reshape=False, what=f"{where}: layer '{lp.name}' blob {j}")
+
+    def set_input_arrays(self, data, labels):
+        """pycaffe's ``net.set_input_arrays``: feeds the arrays to the first MemoryData layer (its reset)."""
+        memory_data = next((layer for layer in self.layers if layer.type_name == "MemoryData"), None)
+        if memory_data is None:
+            raise MinicaffeError(f"net '{self.name}': set_input_arrays needs a MemoryData layer")
+        memory_data.reset(data, labels)
 
     def share_weights_from(self, other):
         """Makes same-named layers use ``other``'s parameter data (Caffe's ShareTrainedLayersWith)."""

@@ -53,12 +53,13 @@ def check_gradient(layer, bottoms, tops, step=None, threshold=None, check_bottom
 
     def analytic():
         layer.forward(bottoms, tops)
-        for t, r in zip(tops, projections):
-            t.diff[...] = r
+        # Zero first, then seed the tops: a top may share its diff with a bottom (Flatten, Reshape).
         for b in bottoms:
             b.diff[...] = 0
         for p in layer.blobs:
             p.diff[...] = 0
+        for t, r in zip(tops, projections):
+            t.diff[...] = r
         propagate = [i in check_bottoms for i in range(len(bottoms))]
         layer.backward(tops, propagate, bottoms)
         return ([b.diff.copy() for b in bottoms], [p.diff.copy() for p in layer.blobs])

@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from .. import prototxt, rng
+from .. import hdf5_io, prototxt, rng
 from ..errors import MinicaffeError
 from ..log import close_progress_bar, fmt, get_logger, progress_bar
 from ..net import Net
@@ -319,43 +319,49 @@ class Solver:
         return f"{self.param.snapshot_prefix}_iter_{self.iter}{extension}"
 
     def snapshot(self):
-        if self.param.snapshot_format == pb.SolverParameter.HDF5:
-            raise MinicaffeError(f"{self._where()}: snapshot_format HDF5 is not supported; use BINARYPROTO")
         if not self.param.snapshot_prefix:
             raise MinicaffeError(f"{self._where()}: snapshot needs snapshot_prefix")
         folder = os.path.dirname(self.param.snapshot_prefix)
         if folder:
             os.makedirs(folder, exist_ok=True)
-        model = self.snapshot_filename(".caffemodel")
-        log.info(f"Snapshotting to binary proto file {model}")
+        hdf5 = self.param.snapshot_format == pb.SolverParameter.HDF5
+        kind, suffix = ("HDF5", ".h5") if hdf5 else ("binary proto", "")
+        model = self.snapshot_filename(".caffemodel" + suffix)
+        log.info(f"Snapshotting to {kind} file {model}")
         self.net.save(model, write_diff=self.param.snapshot_diff)
-        state = pb.SolverState(iter=self.iter, learned_net=model, current_step=self.current_step)
-        for h in self.history:
-            proto = state.history.add()
-            proto.shape.dim.extend(h.shape)
-            proto.data.extend(h.ravel())
-        state_file = self.snapshot_filename(".solverstate")
-        log.info(f"Snapshotting solver state to binary proto file {state_file}")
-        prototxt.write_binary_atomic(state_file, state)
+        state_file = self.snapshot_filename(".solverstate" + suffix)
+        log.info(f"Snapshotting solver state to {kind} file {state_file}")
+        if hdf5:
+            hdf5_io.save_solver_state_hdf5({"iter": self.iter, "learned_net": model,
+                                            "current_step": self.current_step, "history": self.history},
+                                           state_file)
+        else:
+            state = pb.SolverState(iter=self.iter, learned_net=model, current_step=self.current_step)
+            for h in self.history:
+                proto = state.history.add()
+                proto.shape.dim.extend(h.shape)
+                proto.data.extend(h.ravel())
+            prototxt.write_binary_atomic(state_file, state)
         return model, state_file
 
     def restore(self, state_file):
         if str(state_file).endswith(".h5"):
-            raise MinicaffeError(f"{state_file}: HDF5 solver states are not supported; use a .solverstate")
-        state = prototxt.read_binary(state_file, pb.SolverState(), "solverstate")
-        self.iter = state.iter
-        self.current_step = state.current_step
-        if state.learned_net:
-            learned = state.learned_net
+            state = hdf5_io.load_solver_state_hdf5(state_file)
+            history = state["history"]
+            self.iter, self.current_step, learned = state["iter"], state["current_step"], state["learned_net"]
+        else:
+            state = prototxt.read_binary(state_file, pb.SolverState(), "solverstate")
+            history = [np.asarray(proto.data, dtype=np.float32) for proto in state.history]
+            self.iter, self.current_step, learned = state.iter, state.current_step, state.learned_net
+        if learned:
             if not os.path.exists(learned):
                 beside = os.path.join(os.path.dirname(str(state_file)), os.path.basename(learned))
                 learned = beside if os.path.exists(beside) else learned
             self.net.copy_from(learned, require_all=True)
-        if len(state.history) != len(self.history):
-            raise MinicaffeError(f"{state_file}: holds {len(state.history)} history blobs, the net has "
+        if len(history) != len(self.history):
+            raise MinicaffeError(f"{state_file}: holds {len(history)} history blobs, the net has "
                                  f"{len(self.history)} learnable parameters")
-        for i, (h, proto) in enumerate(zip(self.history, state.history)):
-            values = np.asarray(proto.data, dtype=np.float32)
+        for i, (h, values) in enumerate(zip(self.history, history)):
             if values.size != h.size:
                 raise MinicaffeError(f"{state_file}: history blob {i} has {values.size} values, "
                                      f"the parameter has {h.size}")
