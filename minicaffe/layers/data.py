@@ -101,19 +101,31 @@ class DataLayer(Layer):
     max_top = 2
 
     def setup(self, bottom, top):
+        self.source = self._open_source(top)
+        # The same seed on every rank keeps the shards of a global batch disjoint.
+        self.seed = rng.derive_seed()
+        self._schedule = self._new_schedule(rank=0, num_ranks=1)
+        # Caffe's prefetching layers all take their queue depth from data_param.prefetch.
+        self._prefetcher = Prefetcher(self._load_batch, self._new_buffer, self.param.data_param.prefetch)
+        self._prefetcher.start(0)
+
+    def _open_source(self, top):
+        """Checks the parameters, sets ``batch_size`` and the transformer, returns the record source.
+
+        Subclasses with another kind of source (image lists, HDF5 files) override this.
+        """
         param = self.param.data_param
         if param.batch_size == 0:
             raise self.error("data_param.batch_size must be set to a positive number")
         self.batch_size = param.batch_size
-        self.source = open_source(param, where=f"layer '{self.name}' ({self.type_name})")
-        self.transformer = DataTransformer(self.param.transform_param, self.phase,
-                                           self.source.item_shape, error=self.error)
-        # The same seed on every rank keeps the shards of a global batch disjoint.
-        self.seed = rng.derive_seed()
-        self._raw_images = np.empty((self.batch_size,) + tuple(self.source.item_shape), self.source.dtype)
-        self._schedule = self._new_schedule(rank=0, num_ranks=1)
-        self._prefetcher = Prefetcher(self._load_batch, self._new_buffer, param.prefetch)
-        self._prefetcher.start(0)
+        source = open_source(param, where=f"layer '{self.name}' ({self.type_name})")
+        self._prepare_transform(source)
+        return source
+
+    def _prepare_transform(self, source):
+        self.transformer = DataTransformer(self.param.transform_param, self.phase, source.item_shape,
+                                           error=self.error)
+        self._raw_images = np.empty((self.batch_size,) + tuple(source.item_shape), source.dtype)
 
     def reshape(self, bottom, top):
         top[0].reshape((self.batch_size,) + self.transformer.output_shape)

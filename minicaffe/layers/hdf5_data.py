@@ -16,8 +16,7 @@ import os
 
 import numpy as np
 
-from .. import rng
-from ..data.prefetch import Prefetcher, RecordSchedule
+from ..data.prefetch import RecordSchedule
 from ..errors import DataError
 from ..hdf5_io import import_h5py
 from ..layer import register
@@ -35,7 +34,7 @@ class HDF5DataLayer(DataLayer):
     min_top = 1
     max_top = None
 
-    def setup(self, bottom, top):
+    def _open_source(self, top):
         param = self.param.hdf5_data_param
         if self.param.HasField("transform_param"):
             raise self.error("HDF5Data does not transform data; remove transform_param")
@@ -45,13 +44,7 @@ class HDF5DataLayer(DataLayer):
             raise self.error(f"has {len(top)} tops but names {len(self.param.top)}; each top names the "
                              "dataset it reads")
         self.batch_size = param.batch_size
-        self.source = HDF5Files(param.source, list(self.param.top),
-                                where=f"layer '{self.name}' ({self.type_name})")
-        self.seed = rng.derive_seed()
-        self._schedule = self._new_schedule(rank=0, num_ranks=1)
-        # Caffe's prefetching layers all take their queue depth from data_param.prefetch.
-        self._prefetcher = Prefetcher(self._load_batch, self._new_buffer, self.param.data_param.prefetch)
-        self._prefetcher.start(0)
+        return HDF5Files(param.source, list(self.param.top), where=f"layer '{self.name}' ({self.type_name})")
 
     def reshape(self, bottom, top):
         for blob, row_shape in zip(top, self.source.row_shapes):

@@ -17,9 +17,7 @@ import os
 
 import numpy as np
 
-from .. import rng
-from ..data.prefetch import Prefetcher, RecordSchedule
-from ..data.transformer import DataTransformer
+from ..data.prefetch import RecordSchedule
 from ..errors import DataError
 from ..layer import register
 from ..proto import minicaffe_pb2 as pb
@@ -38,7 +36,7 @@ class ImageDataLayer(DataLayer):
     min_top = None
     max_top = None
 
-    def setup(self, bottom, top):
+    def _open_source(self, top):
         param = self.param.image_data_param
         for field in _MOVED_TO_TRANSFORM_PARAM:
             if getattr(param, field) != getattr(_DEFAULTS, field):
@@ -49,15 +47,9 @@ class ImageDataLayer(DataLayer):
         if bool(param.new_height) != bool(param.new_width):
             raise self.error("image_data_param: set new_height and new_width together, or neither")
         self.batch_size = param.batch_size
-        self.source = ImageList(param, where=f"layer '{self.name}' ({self.type_name})")
-        self.transformer = DataTransformer(self.param.transform_param, self.phase, self.source.item_shape,
-                                           error=self.error)
-        self.seed = rng.derive_seed()
-        self._raw_images = np.empty((self.batch_size,) + self.source.item_shape, self.source.dtype)
-        self._schedule = self._new_schedule(rank=0, num_ranks=1)
-        # Caffe's prefetching layers all take their queue depth from data_param.prefetch.
-        self._prefetcher = Prefetcher(self._load_batch, self._new_buffer, self.param.data_param.prefetch)
-        self._prefetcher.start(0)
+        source = ImageList(param, where=f"layer '{self.name}' ({self.type_name})")
+        self._prepare_transform(source)
+        return source
 
     def _new_schedule(self, rank, num_ranks):
         param = self.param.image_data_param
