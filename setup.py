@@ -46,7 +46,7 @@ def compiler_accepts(flags, source=OPENMP_PROBE, link_flags=()):
 
 
 def build_flags():
-    compile_args = ["-O3", "-ffp-contract=fast", "-Wno-unused-function", "-Wno-unreachable-code"]
+    compile_args = ["-O3", "-ffp-contract=fast", "-fno-math-errno", "-Wno-unused-function", "-Wno-unreachable-code"]
     link_args = []
     if os.environ.get("MINICAFFE_PORTABLE") != "1" and compiler_accepts(["-march=native"], "int main(void){return 0;}"):
         compile_args.append("-march=native")

@@ -98,7 +98,6 @@ def test_pooling_reshapes_with_its_input():
 
 
 @pytest.mark.parametrize("pooling_param,message", [
-    ("pool: STOCHASTIC kernel_size: 2", "STOCHASTIC pooling is not supported"),
     ("pool: MAX stride: 2", "needs kernel_size"),
     ("pool: MAX kernel_size: 2 kernel_h: 2 kernel_w: 2", "not both"),
     ("pool: MAX kernel_h: 2", "needs kernel_size"),

@@ -1,14 +1,16 @@
-"""MAX and AVE pooling over planes, with Caffe's window arithmetic.
+"""MAX, AVE and STOCHASTIC pooling over planes, with Caffe's window arithmetic.
 
 Arrays are 3-D: (planes, height, width), where planes = N * C. Each plane is independent, so the
 planes are split statically across threads and every result is the same for any thread count.
 
 A window starts at ``p * stride - pad``. MAX pooling clips the window to the image; AVE pooling
 divides by the window size clipped to the padded image [-pad, size + pad), as Caffe does, so that
-padding counts as zeros except where a window runs past the padding.
+padding counts as zeros except where a window runs past the padding. STOCHASTIC pooling uses MAX
+pooling's clipped windows (see its section).
 """
 from cython cimport floating
-from cython.parallel cimport prange
+from cython.parallel cimport parallel, prange
+from libc.stdlib cimport free, malloc
 from minicaffe.kernels.parallel cimport team_size
 
 
@@ -197,3 +199,159 @@ def ave_pool_backward(const floating[:, :, ::1] top_diff, floating[:, :, ::1] bo
     with nogil:
         for p in prange(planes, schedule="static", num_threads=team_size(planes, num_threads)):
             _ave_backward_plane(&top_diff[p, 0, 0], &bottom_diff[p, 0, 0], &g)
+
+
+# -- STOCHASTIC ------------------------------------------------------------------------------------
+# Zeiler and Fergus's stochastic pooling, as Caffe's GPU kernels (Caffe has no CPU version). Training
+# picks one element per window with probability proportional to its value; testing outputs the
+# probability-weighted mean sum(x^2) / sum(x). Windows are MAX pooling's, clipped to the image:
+# Caffe's kernels ignore pad, and the two agree whenever pad is 0.
+
+cdef inline void _window(const Geometry* g, int ph, int pw, int* h0, int* h1, int* w0,
+                         int* w1) noexcept nogil:
+    cdef int start = ph * g.stride_h - g.pad_h
+    h0[0], h1[0] = max(start, 0), min(start + g.kernel_h, g.height)
+    start = pw * g.stride_w - g.pad_w
+    w0[0], w1[0] = max(start, 0), min(start + g.kernel_w, g.width)
+
+
+cdef inline int _sample_window(const floating* x, int width, int h0, int h1, int w0, int w1,
+                               double uniform, floating* prefix) noexcept nogil:
+    """The first position whose running sum reaches uniform * (window sum), as Caffe's search; the
+    last position if none does (negative values can do that).
+
+    The running sums are those of the one pass that also gives the total, kept in ``prefix``, so
+    they equal Caffe's second-pass sums exactly. The search then selects, from the back, rather
+    than branching on where the draw lands, which is random."""
+    cdef int h, w, n = 0, chosen = (h1 - 1) * width + w1 - 1
+    cdef floating total = 0, threshold
+    for h in range(h0, h1):
+        for w in range(w0, w1):
+            total += x[h * width + w]
+            prefix[n] = total
+            n += 1
+    threshold = <floating>(uniform * total)
+    for h in range(h1 - 1, h0 - 1, -1):
+        for w in range(w1 - 1, w0 - 1, -1):
+            n -= 1
+            chosen = h * width + w if prefix[n] >= threshold else chosen
+    return chosen
+
+
+cdef void _stochastic_train_plane(const floating* x, floating* y, int* mask, const double* uniforms,
+                                  const Geometry* g, floating* prefix) noexcept nogil:
+    cdef int ph, pw, h0, h1, w0, w1, i, chosen
+    for ph in range(g.pooled_height):
+        for pw in range(g.pooled_width):
+            _window(g, ph, pw, &h0, &h1, &w0, &w1)
+            i = ph * g.pooled_width + pw
+            chosen = _sample_window(x, g.width, h0, h1, w0, w1, uniforms[i], prefix)
+            mask[i] = chosen
+            y[i] = x[chosen]
+
+
+cdef inline void _window_moments(const floating* x, int width, int h0, int h1, int w0, int w1,
+                                 double* total, double* squares) noexcept nogil:
+    cdef int h, w
+    cdef double v
+    total[0] = 0
+    squares[0] = 0
+    for h in range(h0, h1):
+        for w in range(w0, w1):
+            v = x[h * width + w]
+            total[0] += v
+            squares[0] += v * v
+
+
+cdef void _stochastic_test_plane(const floating* x, floating* y, const Geometry* g) noexcept nogil:
+    cdef int ph, pw, h0, h1, w0, w1
+    cdef double total, squares
+    for ph in range(g.pooled_height):
+        for pw in range(g.pooled_width):
+            _window(g, ph, pw, &h0, &h1, &w0, &w1)
+            _window_moments(x, g.width, h0, h1, w0, w1, &total, &squares)
+            # A window with no positive mass outputs 0, as Caffe's.
+            y[ph * g.pooled_width + pw] = <floating>(squares / total if total > 0 else 0)
+
+
+cdef void _stochastic_test_backward_plane(const floating* x, const floating* dy, floating* dx,
+                                          const Geometry* g) noexcept nogil:
+    """d/dx_j of sum(x^2) / sum(x) is (2 x_j sum(x) - sum(x^2)) / sum(x)^2."""
+    cdef int i, ph, pw, h, w, h0, h1, w0, w1
+    cdef double total, squares, weight
+    for i in range(g.height * g.width):
+        dx[i] = 0
+    for ph in range(g.pooled_height):
+        for pw in range(g.pooled_width):
+            _window(g, ph, pw, &h0, &h1, &w0, &w1)
+            _window_moments(x, g.width, h0, h1, w0, w1, &total, &squares)
+            if total <= 0:
+                continue
+            weight = dy[ph * g.pooled_width + pw] / (total * total)
+            for h in range(h0, h1):
+                for w in range(w0, w1):
+                    dx[h * g.width + w] += <floating>(weight * (2 * x[h * g.width + w] * total - squares))
+
+
+def stochastic_pool_forward_train(const floating[:, :, ::1] bottom, floating[:, :, ::1] top,
+                                  int[:, :, ::1] mask, const double[:, :, ::1] uniforms,
+                                  int kernel_h, int kernel_w, int stride_h, int stride_w, int pad_h,
+                                  int pad_w, int num_threads):
+    """Samples one element per window, with probability proportional to its (non-negative) value.
+
+    ``uniforms`` holds one draw from [0, 1) per output. top = the sampled value, mask = its index
+    into the plane (h * width + w), which max_pool_backward routes the gradient through.
+    """
+    cdef Geometry g = _geometry(&bottom.shape[0], &top.shape[0],
+                                kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w)
+    for other in ((mask.shape[0], mask.shape[1], mask.shape[2]),
+                  (uniforms.shape[0], uniforms.shape[1], uniforms.shape[2])):
+        if other != (top.shape[0], top.shape[1], top.shape[2]):
+            raise ValueError("stochastic_pool_forward_train: mask, uniforms and top differ in shape")
+    cdef Py_ssize_t planes = bottom.shape[0], p
+    cdef floating* prefix = NULL
+    cdef int failures = 0
+    if planes == 0 or g.pooled_height == 0 or g.pooled_width == 0:
+        return
+    with nogil, parallel(num_threads=team_size(planes, num_threads)):
+        prefix = <floating*>malloc(<size_t>kernel_h * kernel_w * sizeof(floating))
+        for p in prange(planes, schedule="static"):
+            if prefix == NULL:
+                failures += 1
+            else:
+                _stochastic_train_plane(&bottom[p, 0, 0], &top[p, 0, 0], &mask[p, 0, 0],
+                                        &uniforms[p, 0, 0], &g, prefix)
+        free(prefix)
+    if failures:
+        raise MemoryError("stochastic_pool_forward_train: no memory for the running sums")
+
+
+def stochastic_pool_forward_test(const floating[:, :, ::1] bottom, floating[:, :, ::1] top,
+                                 int kernel_h, int kernel_w, int stride_h, int stride_w, int pad_h,
+                                 int pad_w, int num_threads):
+    """top = sum(x^2) / sum(x) over each window (0 where the sum is not positive)."""
+    cdef Geometry g = _geometry(&bottom.shape[0], &top.shape[0],
+                                kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w)
+    cdef Py_ssize_t planes = bottom.shape[0], p
+    if planes == 0 or g.pooled_height == 0 or g.pooled_width == 0:
+        return
+    with nogil:
+        for p in prange(planes, schedule="static", num_threads=team_size(planes, num_threads)):
+            _stochastic_test_plane(&bottom[p, 0, 0], &top[p, 0, 0], &g)
+
+
+def stochastic_pool_backward_test(const floating[:, :, ::1] bottom, const floating[:, :, ::1] top_diff,
+                                  floating[:, :, ::1] bottom_diff, int kernel_h, int kernel_w,
+                                  int stride_h, int stride_w, int pad_h, int pad_w, int num_threads):
+    """Gradient of stochastic_pool_forward_test (overwrites bottom_diff)."""
+    cdef Geometry g = _geometry(&bottom.shape[0], &top_diff.shape[0],
+                                kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w)
+    if (bottom_diff.shape[0], bottom_diff.shape[1], bottom_diff.shape[2]) != \
+            (bottom.shape[0], bottom.shape[1], bottom.shape[2]):
+        raise ValueError("stochastic_pool_backward_test: bottom and bottom_diff differ in shape")
+    cdef Py_ssize_t planes = bottom.shape[0], p
+    if planes == 0 or g.height == 0 or g.width == 0:
+        return
+    with nogil:
+        for p in prange(planes, schedule="static", num_threads=team_size(planes, num_threads)):
+            _stochastic_test_backward_plane(&bottom[p, 0, 0], &top_diff[p, 0, 0], &bottom_diff[p, 0, 0], &g)

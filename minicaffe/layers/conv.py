@@ -1,11 +1,12 @@
-"""2-D convolution, as Caffe's ConvolutionLayer (kernels in minicaffe/kernels/conv.pyx)."""
+"""2-D convolution and deconvolution, as Caffe's ConvolutionLayer and DeconvolutionLayer (kernels in
+minicaffe/kernels/conv.pyx)."""
 import threading
 
 import numpy as np
 
 from minicaffe.errors import MinicaffeError
 from minicaffe.filler import fill_blob
-from minicaffe.kernels import conv
+from minicaffe.kernels import batchnorm, conv
 from minicaffe.kernels.parallel import num_threads
 from minicaffe.layer import Layer, register
 
@@ -53,12 +54,12 @@ def fill_param(layer, blob, filler_param, field):
         raise layer.error(str(err)) from None
 
 
-@register("Convolution")
-class ConvolutionLayer(Layer):
-    """Convolves each bottom (N, C, H, W) with weights [num_output, C / group, kh, kw].
+class _ConvolutionBase(Layer):
+    """What Convolution and Deconvolution share: convolution_param, the weight and bias blobs, and
+    the checks on the bottoms.
 
-    Several bottoms share the weights, each giving its own top. The output size follows Caffe:
-    (H + 2 * pad - (dilation * (kernel - 1) + 1)) // stride + 1.
+    A subclass defines ``_weight_shape(channels)``, ``_input_channels()`` (the bottom channels its
+    weights take), ``_output_size(size, axis)`` and ``_workspace_for(bottom_shape, top_shape, dtype)``.
     """
 
     min_bottom = 1
@@ -90,7 +91,7 @@ class ConvolutionLayer(Layer):
             raise self.error(f"group {self.group} must divide both the input channels ({channels}) "
                              f"and num_output ({self.num_output})")
         self.bias_term = p.bias_term
-        weight = self.new_param_blob((self.num_output, channels // self.group, *self.kernel), "weight")
+        weight = self.new_param_blob(self._weight_shape(channels), "weight")
         fill_param(self, weight, p.weight_filler, "weight_filler")
         self.blobs = [weight]
         if self.bias_term:
@@ -103,34 +104,47 @@ class ConvolutionLayer(Layer):
         weight_shape = self.blobs[0].shape
         if len(shape) != 4:
             raise self.error(f"needs a 4-D bottom (N, C, H, W), got shape {shape}")
-        if shape[1] != weight_shape[1] * self.group:
+        if shape[1] != self._input_channels():
             raise self.error(f"bottom shape {shape} does not fit weight shape {weight_shape} with group "
-                             f"{self.group}: expected {weight_shape[1] * self.group} channels")
+                             f"{self.group}: expected {self._input_channels()} channels")
         for i, b in enumerate(bottom[1:], start=1):
             if b.shape != shape:
                 raise self.error(f"all bottoms must have the same shape; bottom 0 is {shape}, "
                                  f"bottom {i} is {b.shape}")
-        out = []
-        for axis in range(2):
-            size = shape[2 + axis]
-            extent = self.dilation[axis] * (self.kernel[axis] - 1) + 1
-            out.append((size + 2 * self.pad[axis] - extent) // self.stride[axis] + 1)
-            if out[-1] < 1:
-                raise self.error(f"a {self.kernel[0]}x{self.kernel[1]} kernel (dilation "
-                                 f"{self.dilation[0]}x{self.dilation[1]}, pad {self.pad[0]}x{self.pad[1]}) "
-                                 f"does not fit bottom shape {shape}")
+        out = [self._output_size(shape[2 + axis], axis) for axis in range(2)]
+        if min(out) < 1:
+            raise self.error(f"a {self.kernel[0]}x{self.kernel[1]} kernel (dilation "
+                             f"{self.dilation[0]}x{self.dilation[1]}, pad {self.pad[0]}x{self.pad[1]}, "
+                             f"stride {self.stride[0]}x{self.stride[1]}) does not fit bottom shape {shape}")
         for t in top:
             t.reshape((shape[0], self.num_output, *out))
-        self._workspace_for(shape, bottom[0].dtype)
+        self._workspace_for(shape, top[0].shape, bottom[0].dtype)
 
-    def _workspace_for(self, shape, dtype):
-        dtype = np.dtype(dtype)
-        size = conv.conv_workspace_size(shape, self.blobs[0].shape, self.pad, self.stride, self.dilation,
-                                        self.group, dtype.itemsize, num_threads())
-        return _scratch.get(size, dtype)
+
+@register("Convolution")
+class ConvolutionLayer(_ConvolutionBase):
+    """Convolves each bottom (N, C, H, W) with weights [num_output, C / group, kh, kw].
+
+    Several bottoms share the weights, each giving its own top. The output size follows Caffe:
+    (H + 2 * pad - (dilation * (kernel - 1) + 1)) // stride + 1.
+    """
+
+    def _weight_shape(self, channels):
+        return (self.num_output, channels // self.group, *self.kernel)
+
+    def _input_channels(self):
+        return self.blobs[0].shape[1] * self.group
+
+    def _output_size(self, size, axis):
+        extent = self.dilation[axis] * (self.kernel[axis] - 1) + 1
+        return (size + 2 * self.pad[axis] - extent) // self.stride[axis] + 1
+
+    def _workspace_for(self, bottom_shape, top_shape, dtype):
+        return _workspace(bottom_shape, self.blobs[0].shape, self.pad, self.stride, self.dilation,
+                          self.group, dtype)
 
     def forward(self, bottom, top):
-        workspace = self._workspace_for(bottom[0].shape, bottom[0].dtype)
+        workspace = self._workspace_for(bottom[0].shape, top[0].shape, bottom[0].dtype)
         weight = self.blobs[0].data
         bias = self.blobs[1].data if self.bias_term else None
         for b, t in zip(bottom, top):
@@ -138,9 +152,72 @@ class ConvolutionLayer(Layer):
                               self.group, workspace)
 
     def backward(self, top, propagate_down, bottom):
-        workspace = self._workspace_for(bottom[0].shape, bottom[0].dtype)
+        workspace = self._workspace_for(bottom[0].shape, top[0].shape, bottom[0].dtype)
         weight = self.blobs[0]
-        bias_diff = self.blobs[1].diff if self.bias_term else None
+        weight_diff = weight.diff if self.param_propagate_down[0] else None
+        bias_diff = self.blobs[1].diff if self.bias_term and self.param_propagate_down[1] else None
         for t, down, b in zip(top, propagate_down, bottom):
-            conv.conv_backward(b.data, weight.data, t.diff, b.diff if down else None, weight.diff, bias_diff,
+            conv.conv_backward(b.data, weight.data, t.diff, b.diff if down else None, weight_diff, bias_diff,
                                self.pad, self.stride, self.dilation, self.group, workspace)
+
+
+@register("Deconvolution")
+class DeconvolutionLayer(_ConvolutionBase):
+    """Transposed convolution, as Caffe's DeconvolutionLayer: the adjoint of a Convolution whose
+    input is this layer's top and whose output is this layer's bottom.
+
+    Weights are [C, num_output / group, kh, kw] (the convolution's layout with the two channel
+    counts swapped), so a trained Convolution's weights transpose it. The output size is
+    (H - 1) * stride - 2 * pad + dilation * (kernel - 1) + 1. Forward is that convolution's
+    backward-data pass, and backward is its forward pass (for the bottom diff) plus its weight
+    gradient with the roles of data and diff exchanged.
+    """
+
+    def _weight_shape(self, channels):
+        return (channels, self.num_output // self.group, *self.kernel)
+
+    def _input_channels(self):
+        return self.blobs[0].shape[0]
+
+    def _output_size(self, size, axis):
+        extent = self.dilation[axis] * (self.kernel[axis] - 1) + 1
+        return (size - 1) * self.stride[axis] - 2 * self.pad[axis] + extent
+
+    def _workspace_for(self, bottom_shape, top_shape, dtype):
+        # The convolution this layer transposes reads the top.
+        return _workspace(top_shape, self.blobs[0].shape, self.pad, self.stride, self.dilation,
+                          self.group, dtype)
+
+    def _channel_view(self, array):
+        return array.reshape(array.shape[0], array.shape[1], -1)
+
+    def forward(self, bottom, top):
+        workspace = self._workspace_for(bottom[0].shape, top[0].shape, bottom[0].dtype)
+        weight = self.blobs[0].data
+        for b, t in zip(bottom, top):
+            # Only dx requested: the top stands in for the convolution input, which is then not read.
+            conv.conv_backward(t.data, weight, b.data, t.data, None, None, self.pad, self.stride,
+                               self.dilation, self.group, workspace)
+            if self.bias_term:
+                y = self._channel_view(t.data)
+                batchnorm.channel_affine(y, None, None, self.blobs[1].data, y, None, num_threads())
+
+    def backward(self, top, propagate_down, bottom):
+        workspace = self._workspace_for(bottom[0].shape, top[0].shape, bottom[0].dtype)
+        weight = self.blobs[0]
+        for t, down, b in zip(top, propagate_down, bottom):
+            if down:
+                conv.conv_forward(t.diff, weight.data, None, b.diff, self.pad, self.stride, self.dilation,
+                                  self.group, workspace)
+            if self.param_propagate_down[0]:
+                conv.conv_backward(t.diff, weight.data, b.data, None, weight.diff, None, self.pad, self.stride,
+                                   self.dilation, self.group, workspace)
+            if self.bias_term and self.param_propagate_down[1]:
+                batchnorm.channel_sums(self._channel_view(t.diff), self.blobs[1].diff, num_threads())
+
+
+def _workspace(input_shape, weight_shape, pad, stride, dilation, group, dtype):
+    dtype = np.dtype(dtype)
+    size = conv.conv_workspace_size(input_shape, weight_shape, pad, stride, dilation, group, dtype.itemsize,
+                                    num_threads())
+    return _scratch.get(size, dtype)

@@ -1,6 +1,7 @@
-"""Spatial pooling (MAX and AVE), as Caffe's PoolingLayer."""
+"""Spatial pooling (MAX, AVE and STOCHASTIC), as Caffe's PoolingLayer."""
 import numpy as np
 
+from minicaffe import rng
 from minicaffe.kernels import pooling
 from minicaffe.kernels.parallel import num_threads
 from minicaffe.layer import Layer, register
@@ -17,6 +18,11 @@ class PoolingLayer(Layer):
     with padding a last window that would start inside the padding is dropped. MAX pooling keeps
     the argmax of every window (an int32 index into its plane) for backward, and outputs it as a
     float second top when one is given.
+
+    STOCHASTIC pooling (for non-negative inputs, after a ReLU) samples in TRAIN one element per
+    window with probability proportional to its value, from the layer's own random stream seeded
+    from the framework's, and routes the gradient to it; in TEST it outputs the probability-weighted
+    mean sum(x^2) / sum(x), whose exact gradient its backward pass computes.
     """
 
     exact_num_bottom = 1
@@ -26,8 +32,6 @@ class PoolingLayer(Layer):
     def setup(self, bottom, top):
         p = self.param.pooling_param
         self.method = p.pool
-        if self.method == POOL.STOCHASTIC:
-            raise self.error("pool: STOCHASTIC pooling is not supported (use MAX or AVE)")
         if len(top) > 1 and self.method != POOL.MAX:
             raise self.error("only MAX pooling has a second top (the argmax mask)")
         self.global_pooling = p.global_pooling
@@ -43,6 +47,10 @@ class PoolingLayer(Layer):
             raise self.error(f"pad {self.pad_h} x {self.pad_w} must be smaller than the kernel "
                              f"{self.kernel_h} x {self.kernel_w}")
         self.mask = np.zeros((0, 0, 0), dtype=np.int32)
+        self.sampling = self.method == POOL.STOCHASTIC and self.phase == pb.TRAIN
+        if self.sampling:
+            self.sampler = np.random.default_rng(rng.derive_seed())
+            self.uniforms = np.zeros((0, 0, 0))
 
     def _read_kernel(self, p):
         given = [f for f in ("kernel_size", "kernel_h", "kernel_w") if p.HasField(f)]
@@ -93,8 +101,10 @@ class PoolingLayer(Layer):
         for t in top:
             t.reshape(shape)
         planes_shape = (num * channels, pooled_h, pooled_w)
-        if self.method == POOL.MAX and self.mask.shape != planes_shape:
+        if (self.method == POOL.MAX or self.sampling) and self.mask.shape != planes_shape:
             self.mask = np.zeros(planes_shape, dtype=np.int32)
+        if self.sampling and self.uniforms.shape != planes_shape:
+            self.uniforms = np.zeros(planes_shape)
 
     def _planes(self, array):
         return array.reshape(-1, array.shape[2], array.shape[3])
@@ -108,14 +118,23 @@ class PoolingLayer(Layer):
             pooling.max_pool_forward(x, y, self.mask, *self._window(), num_threads())
             if len(top) > 1:
                 top[1].data[...] = self.mask.reshape(top[1].shape)
-        else:
+        elif self.method == POOL.AVE:
             pooling.ave_pool_forward(x, y, *self._window(), num_threads())
+        elif self.sampling:
+            self.sampler.random(out=self.uniforms)
+            pooling.stochastic_pool_forward_train(x, y, self.mask, self.uniforms, *self._window(),
+                                                  num_threads())
+        else:
+            pooling.stochastic_pool_forward_test(x, y, *self._window(), num_threads())
 
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
             return
         dy, dx = self._planes(top[0].diff), self._planes(bottom[0].diff)
-        if self.method == POOL.MAX:
+        if self.method == POOL.MAX or self.sampling:
             pooling.max_pool_backward(dy, self.mask, dx, num_threads())
-        else:
+        elif self.method == POOL.AVE:
             pooling.ave_pool_backward(dy, dx, *self._window(), num_threads())
+        else:
+            pooling.stochastic_pool_backward_test(self._planes(bottom[0].data), dy, dx, *self._window(),
+                                                  num_threads())
