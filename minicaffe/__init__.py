@@ -17,9 +17,14 @@ from .layer import Layer, layer_type_list, register
 from .net import TEST, TRAIN, Net
 from .rng import set_seed as set_random_seed
 from .solvers import get_solver
+# The built-in layer package must be imported before NetSpec's `layers` object takes the name
+# `minicaffe.layers` in this namespace, as pycaffe's `caffe.layers` does.
+from . import layers as _builtin_layers  # noqa: E402,F401
+from . import net_spec  # noqa: E402
+from .net_spec import NetSpec, layers, params, to_proto  # noqa: E402
 
-__all__ = ["Blob", "Layer", "MinicaffeError", "Net", "TEST", "TRAIN", "get_solver", "layer_type_list",
-           "register", "set_mode_cpu", "set_random_seed"]
+__all__ = ["Blob", "Layer", "MinicaffeError", "Net", "NetSpec", "TEST", "TRAIN", "get_solver", "layer_type_list",
+           "layers", "net_spec", "params", "register", "set_mode_cpu", "set_random_seed", "to_proto"]
 
 
 def set_mode_cpu():

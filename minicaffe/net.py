@@ -77,7 +77,9 @@ class Net:
         self._layer_lines = []
         self.loss_terms = []
         blob_need_backward = {}
-        consumed = set()
+        # Blobs produced and not yet consumed, in order: what is left at the end are the outputs
+        # (an in-place top puts back the blob its bottom took, as in Caffe).
+        available = {}
 
         for lp, line in kept:
             where = self._where(line)
@@ -90,7 +92,7 @@ class Net:
                     raise MinicaffeError(f"{where + ': ' if where else ''}layer '{lp.name}' ({lp.type}): "
                                          f"bottom '{name}' is not produced by any earlier layer")
                 bottoms.append(self.blobs[name])
-                consumed.add(name)
+                available.pop(name, None)
             tops = []
             for name in lp.top:
                 if name in lp.bottom:
@@ -121,6 +123,7 @@ class Net:
             need_backward |= any(layer.param_propagate_down)
             for name in lp.top:
                 blob_need_backward[name] = need_backward
+                available[name] = True
 
             self.layers.append(layer)
             self.layer_names.append(lp.name)
@@ -139,7 +142,7 @@ class Net:
                 self.bottom_need_backward[i] = [need or layer.allow_force_backward(j)
                                                 for j, need in enumerate(self.bottom_need_backward[i])]
         self.layer_dict = collections.OrderedDict(zip(self.layer_names, self.layers))
-        self.outputs = [name for name in self.blobs if name not in consumed]
+        self.outputs = list(available)
         self.inputs = [top.name for layer, tops in zip(self.layers, self.top_vecs)
                        if layer.type_name == "Input" for top in tops]
         # Loss layers' top diffs hold their loss weights, as in Caffe's Layer::SetLossWeights.
