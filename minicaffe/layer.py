@@ -9,6 +9,7 @@ import difflib
 
 from .blob import Blob
 from .errors import LayerError, MinicaffeError
+from .filler import fill_blob
 
 _REGISTRY = {}
 
@@ -97,6 +98,23 @@ class Layer:
 
     def new_param_blob(self, shape, suffix):
         return Blob(shape, name=f"{self.name}.{suffix}")
+
+    def new_filled_blob(self, shape, suffix, filler_param, field):
+        """A parameter blob filled as ``filler_param`` says; filler errors name this layer and ``field``."""
+        blob = self.new_param_blob(shape, suffix)
+        try:
+            fill_blob(blob, filler_param, where=field)
+        except MinicaffeError as err:
+            raise self.error(str(err)) from None
+        return blob
+
+    def weight_and_bias(self, weight_shape, num_output, param):
+        """Caffe's usual parameters: a weight from ``param.weight_filler`` and, with ``param.bias_term``,
+        a bias of ``num_output`` values from ``param.bias_filler``."""
+        blobs = [self.new_filled_blob(weight_shape, "weight", param.weight_filler, "weight_filler")]
+        if param.bias_term:
+            blobs.append(self.new_filled_blob((num_output,), "bias", param.bias_filler, "bias_filler"))
+        return blobs
 
     def check_arity(self, bottom, top):
         def check(kind, n, exact, lo, hi):

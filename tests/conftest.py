@@ -34,3 +34,19 @@ def run_tool(tool, *args, cwd=None, timeout=300):
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
     return subprocess.run([sys.executable, str(REPO / "tools" / tool), *map(str, args)], cwd=cwd,
                           capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def batches(layer, tops, n):
+    """The next ``n`` batches a data layer produces, copied."""
+    out = []
+    for _ in range(n):
+        layer.forward([], tops)
+        out.append(tuple(t.data.copy() for t in tops))
+    return out
+
+
+def assert_same_batches(a, b):
+    assert len(a) == len(b)
+    for batch_a, batch_b in zip(a, b):
+        for x, y in zip(batch_a, batch_b):
+            np.testing.assert_array_equal(x, y)

@@ -15,6 +15,7 @@ from minicaffe.data.lmdb_db import LmdbWriter, array_to_datum
 from minicaffe.errors import DataError, LayerError, MinicaffeError
 from minicaffe.layer import create_layer
 from minicaffe.proto import minicaffe_pb2 as pb
+from conftest import assert_same_batches, batches
 
 COUNT = 10  # records in the synthetic set: small so that batches cross epoch boundaries
 
@@ -46,21 +47,6 @@ def make_layer(text, phase=pb.TRAIN, num_tops=2, seed=7):
 def data_layer(source, extra="", transform="", phase=pb.TRAIN, num_tops=2, seed=7, batch_size=4):
     return make_layer(f'name: "data" type: "Data" data_param {{ source: "{source}" batch_size: {batch_size} '
                       f'{extra} }} transform_param {{ {transform} }}', phase, num_tops, seed)
-
-
-def batches(layer, tops, n):
-    out = []
-    for _ in range(n):
-        layer.forward([], tops)
-        out.append(tuple(t.data.copy() for t in tops))
-    return out
-
-
-def assert_same_batches(a, b):
-    assert len(a) == len(b)
-    for batch_a, batch_b in zip(a, b):
-        for x, y in zip(batch_a, batch_b):
-            np.testing.assert_array_equal(x, y)
 
 
 # -- Input and DummyData -----------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from minicaffe.layer import create_layer
 from minicaffe.layers.image_data import resize_bilinear
 from minicaffe.net import Net
 from minicaffe.proto import minicaffe_pb2 as pb
+from conftest import assert_same_batches, batches
 
 h5py = pytest.importorskip("h5py")
 Image = pytest.importorskip("PIL.Image")
@@ -24,21 +25,6 @@ def make_layer(text, phase=pb.TRAIN, num_tops=2, seed=7):
     rng.set_seed(seed)
     layer.layer_setup([], tops)
     return layer, tops
-
-
-def batches(layer, tops, n):
-    out = []
-    for _ in range(n):
-        layer.forward([], tops)
-        out.append(tuple(t.data.copy() for t in tops))
-    return out
-
-
-def assert_same_batches(a, b):
-    assert len(a) == len(b)
-    for batch_a, batch_b in zip(a, b):
-        for x, y in zip(batch_a, batch_b):
-            np.testing.assert_array_equal(x, y)
 
 
 def error_of(make, *args, **kwargs):

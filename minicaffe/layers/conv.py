@@ -4,8 +4,6 @@ import threading
 
 import numpy as np
 
-from minicaffe.errors import MinicaffeError
-from minicaffe.filler import fill_blob
 from minicaffe.kernels import batchnorm, conv
 from minicaffe.kernels.parallel import num_threads
 from minicaffe.layer import Layer, register
@@ -47,13 +45,6 @@ def spatial_pair(layer, param, field, default, h_field=None, w_field=None):
     return (values[0], values[0]) if len(values) == 1 else tuple(values)
 
 
-def fill_param(layer, blob, filler_param, field):
-    try:
-        fill_blob(blob, filler_param, where=field)
-    except MinicaffeError as err:
-        raise layer.error(str(err)) from None
-
-
 class _ConvolutionBase(Layer):
     """What Convolution and Deconvolution share: convolution_param, the weight and bias blobs, and
     the checks on the bottoms.
@@ -91,13 +82,7 @@ class _ConvolutionBase(Layer):
             raise self.error(f"group {self.group} must divide both the input channels ({channels}) "
                              f"and num_output ({self.num_output})")
         self.bias_term = p.bias_term
-        weight = self.new_param_blob(self._weight_shape(channels), "weight")
-        fill_param(self, weight, p.weight_filler, "weight_filler")
-        self.blobs = [weight]
-        if self.bias_term:
-            bias = self.new_param_blob((self.num_output,), "bias")
-            fill_param(self, bias, p.bias_filler, "bias_filler")
-            self.blobs.append(bias)
+        self.blobs = self.weight_and_bias(self._weight_shape(channels), self.num_output, p)
 
     def reshape(self, bottom, top):
         shape = bottom[0].shape

@@ -4,7 +4,6 @@ import numpy as np
 from minicaffe.kernels import structure
 from minicaffe.kernels.parallel import num_threads
 from minicaffe.layer import Layer, register
-from minicaffe.layers.conv import fill_param
 from minicaffe.layers.structure import refuse_in_place
 
 
@@ -29,13 +28,7 @@ class EmbedLayer(Layer):
         if self.input_dim < 1:
             raise self.error("embed_param.input_dim must be positive")
         self.bias_term = p.bias_term
-        weight = self.new_param_blob((self.input_dim, self.num_output), "weight")
-        fill_param(self, weight, p.weight_filler, "weight_filler")
-        self.blobs = [weight]
-        if self.bias_term:
-            bias = self.new_param_blob((self.num_output,), "bias")
-            fill_param(self, bias, p.bias_filler, "bias_filler")
-            self.blobs.append(bias)
+        self.blobs = self.weight_and_bias((self.input_dim, self.num_output), self.num_output, p)
 
     def reshape(self, bottom, top):
         refuse_in_place(self, bottom, top)

@@ -4,7 +4,6 @@ import numpy as np
 from minicaffe.errors import MinicaffeError
 from minicaffe.kernels.blas import matmul
 from minicaffe.layer import Layer, register
-from minicaffe.layers.conv import fill_param
 
 
 @register("InnerProduct")
@@ -28,13 +27,7 @@ class InnerProductLayer(Layer):
         axis = self._axis(bottom[0])
         inputs = bottom[0].count_range(axis)
         shape = (inputs, self.num_output) if self.transpose else (self.num_output, inputs)
-        weight = self.new_param_blob(shape, "weight")
-        fill_param(self, weight, p.weight_filler, "weight_filler")
-        self.blobs = [weight]
-        if self.bias_term:
-            bias = self.new_param_blob((self.num_output,), "bias")
-            fill_param(self, bias, p.bias_filler, "bias_filler")
-            self.blobs.append(bias)
+        self.blobs = self.weight_and_bias(shape, self.num_output, p)
         self.ones = np.ones(0, bottom[0].dtype)
 
     def _axis(self, blob):

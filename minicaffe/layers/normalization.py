@@ -6,7 +6,6 @@ from minicaffe.errors import MinicaffeError
 from minicaffe.kernels import batchnorm, lrn
 from minicaffe.kernels.parallel import num_threads
 from minicaffe.layer import Layer, register
-from minicaffe.layers.conv import fill_param
 from minicaffe.proto import minicaffe_pb2 as pb
 
 
@@ -235,16 +234,13 @@ class ScaleLayer(Layer):
         self.blobs = []
         if len(bottom) == 1:
             shape = _learned_operand_shape(self, bottom[0], p.axis, p.num_axes)
-            scale = self.new_param_blob(shape, "scale")
             filler = p.filler if p.HasField("filler") else pb.FillerParameter(type="constant", value=1)
-            fill_param(self, scale, filler, "filler")
-            self.blobs.append(scale)
+            self.blobs.append(self.new_filled_blob(shape, "scale", filler, "filler"))
         self.bias_term = p.bias_term
         if self.bias_term:
             num_axes = p.num_axes if len(bottom) == 1 else bottom[1].num_axes
-            bias = self.new_param_blob(_learned_operand_shape(self, bottom[0], p.axis, num_axes), "bias")
-            fill_param(self, bias, p.bias_filler, "bias_filler")
-            self.blobs.append(bias)
+            shape = _learned_operand_shape(self, bottom[0], p.axis, num_axes)
+            self.blobs.append(self.new_filled_blob(shape, "bias", p.bias_filler, "bias_filler"))
         self.saved = None
 
     def _scale(self, bottom):
@@ -298,9 +294,8 @@ class BiasLayer(Layer):
         p = self.param.bias_param
         self.blobs = []
         if len(bottom) == 1:
-            bias = self.new_param_blob(_learned_operand_shape(self, bottom[0], p.axis, p.num_axes), "bias")
-            fill_param(self, bias, p.filler, "filler")
-            self.blobs.append(bias)
+            shape = _learned_operand_shape(self, bottom[0], p.axis, p.num_axes)
+            self.blobs.append(self.new_filled_blob(shape, "bias", p.filler, "filler"))
 
     def _bias(self, bottom):
         return bottom[1] if len(bottom) > 1 else self.blobs[0]
