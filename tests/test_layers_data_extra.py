@@ -408,7 +408,7 @@ def test_hdf5_data_errors(tmp_path, h5_set, monkeypatch):
         f"hdf5_data_param.source '{tmp_path}/none.txt': no such file")
     assert message(listing_of()).endswith("lists no HDF5 files")
     assert message(tmp_path / "a.h5").endswith(
-        "is not a text file (name a list of .h5 files there, not an .h5 file)")
+        "is not a text file (name a text file listing .h5 files, not an .h5 file)")
     assert message(listing_of("gone.h5")) == "HDF5 file 'gone.h5': no such file"
     assert message(listing_of(h5_set)).startswith(f"HDF5 file '{h5_set}': cannot read it (")
     assert message(h5_set, tops=("data", "labels")) == (f"{tmp_path}/a.h5: has no dataset 'labels' for the top "

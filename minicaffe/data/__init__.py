@@ -16,6 +16,25 @@ LEVELDB_MESSAGE = ("LEVELDB is not supported; convert the data to LMDB "
                    "(tools/convert_mnist IMAGES LABELS OUTPUT_DB --backend=lmdb)")
 
 
+def read_list_file(path, where, field, expected):
+    """The text of the list file a data layer names in ``field`` (``image_data_param.source``, say).
+
+    Errors name the layer and the field; ``expected`` ("of 'path label' lines") completes the hint
+    when a directory or a binary file is named instead.
+    """
+    try:
+        with open(path, encoding="utf-8") as stream:
+            return stream.read()
+    except FileNotFoundError:
+        raise DataError(f"{where}: {field} '{path}': no such file ({os.path.abspath(path)})") from None
+    except IsADirectoryError:
+        raise DataError(f"{where}: {field} '{path}' is a directory; name a text file {expected}") from None
+    except OSError as exc:
+        raise DataError(f"{where}: {field} '{path}': cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{where}: {field} '{path}' is not a text file (name a text file {expected})") from None
+
+
 def open_source(data_param, where):
     """Opens ``data_param.source``; errors are DataErrors that start with ``where`` (the layer)."""
     source = data_param.source

@@ -16,6 +16,7 @@ import os
 
 import numpy as np
 
+from ..data import read_list_file
 from ..data.prefetch import RecordSchedule
 from ..errors import DataError
 from ..hdf5_io import import_h5py
@@ -163,20 +164,8 @@ class HDF5Files:
 
 def read_file_list(list_path, where):
     """The files a list names (whitespace-separated tokens, as Caffe reads them)."""
-    try:
-        with open(list_path, encoding="utf-8") as stream:
-            names = stream.read().split()
-    except FileNotFoundError:
-        raise DataError(f"{where}: hdf5_data_param.source '{list_path}': no such file "
-                        f"({os.path.abspath(list_path)})") from None
-    except IsADirectoryError:
-        raise DataError(f"{where}: hdf5_data_param.source '{list_path}' is a directory; name a text "
-                        "file listing .h5 files") from None
-    except OSError as exc:
-        raise DataError(f"{where}: hdf5_data_param.source '{list_path}': cannot read: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise DataError(f"{where}: hdf5_data_param.source '{list_path}' is not a text file (name a "
-                        "list of .h5 files there, not an .h5 file)") from None
+    names = read_list_file(list_path, where, "hdf5_data_param.source",
+                           "listing .h5 files, not an .h5 file").split()
     if not names:
         raise DataError(f"{where}: hdf5_data_param.source '{list_path}' lists no HDF5 files")
     beside_list = os.path.dirname(os.path.abspath(list_path))

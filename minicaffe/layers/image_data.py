@@ -17,6 +17,7 @@ import os
 
 import numpy as np
 
+from ..data import read_list_file
 from ..data.prefetch import RecordSchedule
 from ..errors import DataError
 from ..layer import register
@@ -111,19 +112,7 @@ class ImageList:
 def read_image_list(path, where):
     """The paths and integer labels of a list file; as in Caffe the label follows the last space,
     so paths may hold spaces."""
-    try:
-        with open(path, encoding="utf-8") as stream:
-            lines = stream.read().splitlines()
-    except FileNotFoundError:
-        raise DataError(f"{where}: image_data_param.source '{path}': no such file "
-                        f"({os.path.abspath(path)})") from None
-    except IsADirectoryError:
-        raise DataError(f"{where}: image_data_param.source '{path}' is a directory; name a text file "
-                        "of 'path label' lines") from None
-    except OSError as exc:
-        raise DataError(f"{where}: image_data_param.source '{path}': cannot read: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise DataError(f"{where}: image_data_param.source '{path}' is not a UTF-8 text file") from None
+    lines = read_list_file(path, where, "image_data_param.source", "of 'path label' lines").splitlines()
     paths, labels = [], []
     for number, line in enumerate(lines, 1):
         if not line.strip():
