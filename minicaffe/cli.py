@@ -17,7 +17,7 @@ import time
 
 from .errors import MinicaffeError
 
-VERBS = ("train", "test", "time", "convert_mnist", "data", "layers")
+VERBS = ("train", "test", "time", "convert_mnist", "data", "layers", "scale-model")
 
 
 def _flag(parser, name, **kwargs):
@@ -75,6 +75,9 @@ def main(argv=None):
     if verb in ("convert_mnist", "data"):
         from .data import commands
         return (commands.convert_mnist_main if verb == "convert_mnist" else commands.get_data_main)(rest)
+    if verb == "scale-model":
+        from .scaling import main as scale_model_main
+        return scale_model_main(rest)
     if verb == "layers":
         from .layer import layer_type_list
         print("\n".join(layer_type_list()))
