@@ -144,7 +144,7 @@ def train(args):
 
 
 def test(args):
-    from .log import fmt, get_logger
+    from .log import fmt, get_logger, output_line
     from .net import Net
     log = get_logger()
     if not args.model:
@@ -174,8 +174,7 @@ def test(args):
         for name, total in zip(names, sums):
             mean = total / args.iterations
             w = weights.get(name, 0.0)
-            suffix = f" (* {fmt(w)} = {fmt(w * mean)} loss)" if w else ""
-            log.info(f"{name} = {fmt(mean)}{suffix}")
+            log.info(output_line(name, mean, w))
     finally:
         net.close()
     return 0

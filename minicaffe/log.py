@@ -72,3 +72,9 @@ def close_progress_bar(bar):
 def fmt(x):
     """Formats a number as C++ streams do by default (6 significant digits), as in Caffe's logs."""
     return f"{x:.6g}"
+
+
+def output_line(name, value, loss_weight):
+    """``name = value``, with Caffe's ``(* weight = weighted loss)`` suffix for loss outputs."""
+    suffix = f" (* {fmt(loss_weight)} = {fmt(loss_weight * value)} loss)" if loss_weight else ""
+    return f"{name} = {fmt(value)}{suffix}"

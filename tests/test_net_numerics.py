@@ -19,6 +19,7 @@ free-running TEST forward (measured: ~2e-6); 1e-3 for the free-running TRAIN for
 batch-statistics BatchNorm over 49 values per channel amplifies rounding differences roughly twofold per
 ResNet stage (measured: 1.5e-4 at res5c_branch2c; PyTorch's float32 is as far from its own float64).
 """
+import sys
 import time
 
 import numpy as np
@@ -28,10 +29,12 @@ from conftest import REPO
 from minicaffe import Net, TEST, TRAIN, prototxt
 from numpy_net_reference import NumpyNet
 
+sys.path.insert(0, str(REPO / "benchmarks"))
+from compare_pytorch import (FREE_RUNNING_TOLERANCE, PER_LAYER_TOLERANCE, forward_layer_by_layer,  # noqa: E402
+                             perturb_weights, relative_error)
+
 ZOO = REPO / "prototxt"
 IMAGE_STD = 64.0
-PER_LAYER_TOLERANCE = 1e-4
-FREE_RUNNING_TOLERANCE = {TEST: 1e-4, TRAIN: 1e-3}
 
 
 def zoo_net(name, kind, batch):
@@ -50,26 +53,6 @@ def zoo_net(name, kind, batch):
     return param
 
 
-def perturb_weights(net, rng):
-    for layer in net.layers:
-        if layer.type_name == "BatchNorm":
-            mean, variance, factor = (blob.data for blob in layer.blobs)
-            factor[...] = 2.5
-            mean[...] = rng.normal(0, 0.5, mean.shape) * factor
-            variance[...] = rng.uniform(0.5, 2.0, variance.shape) * factor
-            continue
-        for blob in layer.blobs:
-            if np.all(blob.data == blob.data.flat[0]):
-                blob.data[...] += rng.normal(0, 0.1, blob.shape)
-
-
-def relative_error(mine, reference):
-    reference = np.asarray(reference, np.float64).reshape(np.shape(mine))
-    scale = np.abs(reference).max(initial=0)
-    difference = np.abs(mine - reference).max(initial=0)
-    return float(difference / scale) if scale else float(difference)
-
-
 class Errors:
     """Collects (kind, name, error, tolerance) and reports every one over its tolerance at once."""
 
@@ -77,6 +60,7 @@ class Errors:
         self.rows = []
 
     def add(self, kind, name, mine, reference, tolerance):
+        reference = np.reshape(np.asarray(reference, np.float64), np.shape(mine))
         self.rows.append((kind, name, relative_error(mine, reference), tolerance))
 
     def check(self):
@@ -87,16 +71,6 @@ class Errors:
         print("  ".join(f"{kind} {error:.1e} ({name})" for kind, (name, error) in worst.items()))
         failures = [f"{kind} {name}: {error:.2e} > {tol:g}" for kind, name, error, tol in self.rows if error > tol]
         assert not failures, "\n".join(failures)
-
-
-def forward_layer_by_layer(net):
-    """minicaffe's forward one layer at a time: {(layer name, top index): a copy of that output}."""
-    outputs = {}
-    for i, (layer_name, tops) in enumerate(zip(net.layer_names, net.top_vecs)):
-        net.forward_layers(i, i)
-        for k, top in enumerate(tops):
-            outputs[(layer_name, k)] = top.data.copy()
-    return outputs
 
 
 def check_forward(net, param, phase, errors):

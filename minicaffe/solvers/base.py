@@ -14,7 +14,7 @@ import numpy as np
 
 from .. import hdf5_io, prototxt, rng
 from ..errors import MinicaffeError
-from ..log import close_progress_bar, fmt, get_logger, progress_bar
+from ..log import close_progress_bar, fmt, get_logger, output_line, progress_bar
 from ..net import Net
 from ..proto import minicaffe_pb2 as pb
 
@@ -227,8 +227,7 @@ class Solver:
             values = net.blobs[name].data.ravel()
             w = weights.get(name, 0.0)
             for value in values:
-                suffix = f" (* {fmt(w)} = {fmt(w * value)} loss)" if w else ""
-                log.info(f"    {label} net output #{index}: {name} = {fmt(value)}{suffix}")
+                log.info(f"    {label} net output #{index}: {output_line(name, value, w)}")
                 index += 1
 
     # -- testing -----------------------------------------------------------------------------------
@@ -260,8 +259,7 @@ class Solver:
             means = sums[name] / iterations
             w = weights.get(name, 0.0)
             for value in means:
-                suffix = f" (* {fmt(w)} = {fmt(w * value)} loss)" if w else ""
-                log.info(f"    Test net output #{index}: {name} = {fmt(value)}{suffix}")
+                log.info(f"    Test net output #{index}: {output_line(name, value, w)}")
                 index += 1
             scores[name] = float(means[0]) if means.size == 1 else means
         return scores
