@@ -9,9 +9,12 @@ thread, as the kernels run it). When PyTorch is importable, the same graph
 (benchmarks/torch_reference.py) is timed too, for a full training step (forward, loss, backward,
 SGD with momentum), and the ratio minicaffe / PyTorch images/s is printed; minicaffe's time has no
 weight update in it, which favours minicaffe by that (small, memory-bound) step.
-The load average is printed at start and end: on a shared machine the timings mean little when it is high.
+BVLC Caffe's times from the FP32-speed issue (``caffe time`` with OpenBLAS on this kind of machine,
+the fastest of each quoted range) are printed beside them as a fixed anchor, with the ratio
+minicaffe / Caffe images/s. The load average is printed at start and end: on a shared machine the
+timings mean little when it is high.
 
-    PYTHONPATH=. python benchmarks/throughput.py [--nets lenet,alexnet] [--threads 1,2]
+    PYTHONPATH=. python benchmarks/throughput.py [--nets lenet,alexnet | --nets all] [--threads 1,2]
         [--iterations N] [--warmup N] [--json PATH]
 """
 import argparse
@@ -37,6 +40,11 @@ DEFAULT_NETS = "lenet,cifar10_quick,cifar10_full,resnet_fmnist,alexnet"
 DEFAULT_ITERATIONS = {"lenet": 20, "cifar10_quick": 10, "cifar10_full": 5, "resnet_fmnist": 5,
                       "alexnet": 3, "caffenet": 3, "googlenet": 3, "vgg16": 2, "resnet50": 2}
 PEAK_N = 2048
+ZOO = "lenet,cifar10_quick,cifar10_full,resnet_fmnist,alexnet,caffenet,googlenet,vgg16,resnet50"
+# ms per training iteration of BVLC Caffe (OpenBLAS, 2-core machine), {net: {threads: ms}}, at the
+# batch each prototxt sets; where the issue quotes a range, its fastest end.
+CAFFE_MS = {"lenet": {1: 21, 2: 23}, "cifar10_quick": {1: 171, 2: 145}, "alexnet": {1: 1127, 2: 762},
+            "googlenet": {1: 1571, 2: 1044}, "resnet50": {1: 3396, 2: 2451}, "vgg16": {1: 5034, 2: 3368}}
 
 
 def train_val_path(name):
@@ -119,13 +127,14 @@ def load_average():
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--nets", default=DEFAULT_NETS, help=f"comma-separated zoo nets (default {DEFAULT_NETS})")
+    parser.add_argument("--nets", default=DEFAULT_NETS,
+                        help=f"comma-separated zoo nets, or 'all' for the whole zoo (default {DEFAULT_NETS})")
     parser.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
     parser.add_argument("--iterations", type=int, help="timed iterations per net (default: per net, 2-20)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed iterations first (default 1)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
-    nets = [n for n in args.nets.split(",") if n]
+    nets = [n for n in (ZOO if args.nets == "all" else args.nets).split(",") if n]
     thread_counts = [int(t) for t in args.threads.split(",") if t]
     with_torch = torch_available()
 
@@ -135,7 +144,8 @@ def main(argv=None):
     for t, peak in peaks.items():
         print(f"sgemm n={PEAK_N} peak at {t} thread(s): {peak:.1f} GFLOP/s")
     header = (f"{'net':<14} {'batch':>5} {'thr':>3} {'GFLOP/it':>9} {'ms/iter':>9} {'img/s':>8} {'GFLOP/s':>8} "
-              f"{'of peak':>7}" + (f" {'torch ms':>9} {'torch img/s':>11} {'mc/torch':>8}" if with_torch else ""))
+              f"{'of peak':>7} {'caffe ms':>8} {'mc/caffe':>8}"
+              + (f" {'torch ms':>9} {'torch img/s':>11} {'mc/torch':>8}" if with_torch else ""))
     print(header)
     print("-" * len(header))
     results = []
@@ -156,6 +166,12 @@ def main(argv=None):
                 line = (f"{name:<14} {cost.batch:>5} {threads:>3} {cost.total_flops / 1e9:>9.3f} "
                         f"{row['median_ms']:>9.1f} {row['images_per_s']:>8.1f} {gflops:>8.1f} "
                         f"{row['fraction_of_peak']:>7.0%}")
+                caffe_ms = CAFFE_MS.get(name, {}).get(threads)
+                if caffe_ms:
+                    row.update(caffe_ms=caffe_ms, minicaffe_over_caffe=caffe_ms / row["median_ms"])
+                    line += f" {caffe_ms:>8} {row['minicaffe_over_caffe']:>8.2f}"
+                else:
+                    line += f" {'-':>8} {'-':>8}"
                 if with_torch:
                     torch_seconds = time_torch(net, threads, iterations, args.warmup)
                     row.update(torch_median_ms=torch_seconds * 1e3, torch_images_per_s=cost.batch / torch_seconds,
@@ -168,7 +184,7 @@ def main(argv=None):
             net.close()
     print(f"load average at end: {load_average()}")
     print("(medians; GFLOP/it = forward + backward FLOPs of one iteration, minicaffe/flops.py; "
-          "PyTorch's step includes an SGD update, minicaffe's does not)")
+          "PyTorch's step includes an SGD update, minicaffe's does not; caffe ms: the issue's anchors)")
     if args.json:
         args.json.write_text(json.dumps({"peaks_gflops": {str(t): p for t, p in peaks.items()},
                                          "results": results}, indent=2))

@@ -217,11 +217,29 @@ def tolerance(dtype):
     return dict(rtol=2e-4, atol=2e-4) if dtype == np.float32 else dict(rtol=1e-10, atol=1e-10)
 
 
+def choose_path(monkeypatch, path, x_shape, out, pad, stride, dilation, itemsize):
+    """Forces one of the im2col paths: a GEMM per image, or one wide GEMM over all images or over
+    chunks of two images."""
+    if path == "per_image":
+        monkeypatch.setattr(conv, "WIDE_MAX_SPATIAL", 0)
+        return
+    monkeypatch.setattr(conv, "WIDE_MAX_SPATIAL", 10 ** 9)
+    monkeypatch.setattr(conv, "WIDE_MIN_WEIGHTS", 0)
+    if path == "wide_chunks_of_2":
+        m, (kh, kw) = out
+        spatial = (out_size(x_shape[2], kh, pad[0], stride[0], dilation[0])
+                   * out_size(x_shape[3], kw, pad[1], stride[1], dilation[1]))
+        monkeypatch.setattr(conv, "COL_BUDGET_BYTES", 2 * (x_shape[1] * kh * kw + m) * spatial * itemsize)
+
+
+@pytest.mark.parametrize("path", ["per_image", "wide", "wide_chunks_of_2"])
 @pytest.mark.parametrize("num_threads", [1, 2, 3])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("x_shape, out, pad, stride, dilation, group", CONVS)
-def test_conv_matches_reference(threads, num_threads, dtype, x_shape, out, pad, stride, dilation, group):
+def test_conv_matches_reference(threads, monkeypatch, path, num_threads, dtype, x_shape, out, pad, stride,
+                                dilation, group):
     threads(num_threads)
+    choose_path(monkeypatch, path, x_shape, out, pad, stride, dilation, np.dtype(dtype).itemsize)
     x, w, bias, dy = random_conv(x_shape, out, pad, stride, dilation, group, dtype)
     tol = tolerance(dtype)
 
@@ -261,6 +279,7 @@ def test_conv_inside_one_image_split_for_every_image(threads, monkeypatch):
     """Column buffers over the memory budget: every image is split across threads instead."""
     threads(2)
     monkeypatch.setattr(conv, "COL_BUDGET_BYTES", 0)
+    monkeypatch.setattr(conv, "WIDE_MAX_SPATIAL", 0)
     args = ((1, 0), (1, 2), (1, 1), 2)
     x, w, bias, dy = random_conv((3, 4, 7, 8), (6, (3, 3)), *args, np.float64)
     np.testing.assert_allclose(run_forward(x, w, bias, *args), conv_ref(x, w, bias, *args),
@@ -275,7 +294,11 @@ def test_conv_inside_one_image_split_for_every_image(threads, monkeypatch):
     ((5, 4, 9, 9), (4, (1, 1)), (0, 0), (1, 1), (1, 1), 2),
     ((1, 4, 9, 9), (6, (3, 3)), (0, 0), (1, 1), (1, 1), 1),
 ])
-def test_conv_is_deterministic_for_a_thread_count(threads, x_shape, out, pad, stride, dilation, group):
+@pytest.mark.parametrize("wide_max_spatial", [0, 10 ** 9])
+def test_conv_is_deterministic_for_a_thread_count(threads, monkeypatch, wide_max_spatial, x_shape, out, pad,
+                                                  stride, dilation, group):
+    monkeypatch.setattr(conv, "WIDE_MAX_SPATIAL", wide_max_spatial)
+    monkeypatch.setattr(conv, "WIDE_MIN_WEIGHTS", 0)
     x, w, bias, dy = random_conv(x_shape, out, pad, stride, dilation, group, np.float32)
     results = {}
     for num_threads in (1, 2, 2, 3, 3):
@@ -290,6 +313,61 @@ def test_conv_is_deterministic_for_a_thread_count(threads, x_shape, out, pad, st
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     for a, b in zip(results[1], results[3]):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+WINOGRAD_CONVS = [
+    # x shape, out channels, pad
+    ((3, 5, 9, 8), 6, (1, 1)),      # odd output height: partial tiles on the bottom edge
+    ((2, 4, 7, 7), 3, (0, 0)),      # no padding: dx needs the adjoint's padding of 2
+    ((2, 3, 6, 9), 5, (2, 1)),      # padding 2, wider output than input
+    ((1, 2, 3, 4), 4, (1, 2)),      # smaller than one window
+]
+
+
+@pytest.mark.parametrize("num_threads", [1, 2, 3])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("x_shape, out_channels, pad", WINOGRAD_CONVS)
+@pytest.mark.parametrize("block", [1, 5, 1000])
+def test_winograd_conv_matches_reference(threads, monkeypatch, num_threads, dtype, x_shape, out_channels, pad,
+                                         block):
+    """Winograd F(2x2, 3x3) forced on small shapes; blocks of 1 and 5 tiles cross rows and images."""
+    threads(num_threads)
+    monkeypatch.setattr(conv, "WINOGRAD_MIN_CHANNELS", 1)
+    monkeypatch.setattr(conv, "WINOGRAD_MIN_TILES", 1)
+    monkeypatch.setattr(conv, "WINOGRAD_MIN_SPATIAL", 1)
+    monkeypatch.setattr(conv, "WINOGRAD_MIN_BLOCK", block)
+    monkeypatch.setattr(conv, "WINOGRAD_BLOCK_BYTES", 0)
+    args = (pad, (1, 1), (1, 1), 1)
+    x, w, bias, dy = random_conv(x_shape, (out_channels, (3, 3)), *args, dtype)
+    tol = tolerance(dtype)
+    np.testing.assert_allclose(run_forward(x, w, bias, *args), conv_ref(x, w, bias, *args), **tol)
+    dx_ref, dw_ref, db_ref = conv_backward_ref(x, w, dy, *args)
+    dw_before = np.random.default_rng(5).standard_normal(w.shape).astype(dtype)
+    dx, dw, db = run_backward(x, w, dy, *args, dw_init=dw_before)
+    np.testing.assert_allclose(dx, dx_ref, **tol)
+    np.testing.assert_allclose(dw, dw_before + dw_ref, **tol)
+    np.testing.assert_allclose(db, db_ref, **tol)
+
+
+def test_winograd_error_in_float32_is_near_the_direct_convolutions(threads):
+    """At a VGG-like depth (256 channels) Winograd's float32 error stays within a small factor of
+    im2col + GEMM's, both measured against a float64 reference."""
+    threads(2)
+    args = ((1, 1), (1, 1), (1, 1), 1)
+    x, w, bias, dy = random_conv((8, 256, 12, 12), (64, (3, 3)), *args, np.float32)
+    exact = conv_ref(x, w, bias, *args)
+    dx_ref, dw_ref, _ = conv_backward_ref(x, w, dy, *args)
+    winograd = (run_forward(x, w, bias, *args), *run_backward(x, w, dy, *args)[:2])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(conv, "WINOGRAD_MIN_CHANNELS", 10 ** 6)
+        direct = (run_forward(x, w, bias, *args), *run_backward(x, w, dy, *args)[:2])
+    for got, baseline, reference in zip(winograd, direct, (exact, dx_ref, dw_ref)):
+        assert not np.array_equal(got, baseline)    # the two algorithms really differ
+        scale = np.abs(reference).max()
+        winograd_error = np.abs(got - reference).max() / scale
+        direct_error = np.abs(baseline - reference).max() / scale
+        assert winograd_error < 1e-5
+        assert winograd_error < 8 * direct_error + 1e-7
 
 
 def test_conv_rejects_inconsistent_shapes():

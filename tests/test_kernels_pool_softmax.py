@@ -76,6 +76,9 @@ POOL_CASES = [
     (8, 8, 2, 2, 0),
     (9, 7, 3, 3, 2),
     (5, 9, 4, 1, 0),
+    (10, 12, 3, 1, 1),  # stride 1 (GoogLeNet's inception pools): whole rows of windows at once
+    (5, 6, 5, 1, 2),    # stride 1 with clipped windows on both sides
+    (6, 3, 4, 1, 3),    # stride 1, every window clipped (the image is narrower than the kernel)
 ]
 
 

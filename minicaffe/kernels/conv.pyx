@@ -14,20 +14,44 @@ count, results are bit-identical from run to run:
   for every image when per-thread column buffers would exceed COL_BUDGET_BYTES): im2col and col2im
   split over channels, the GEMMs over output columns (y, dx) or output channels (dW, db).
 
+Two other algorithms take the shapes where they measured faster (``make_plan`` chooses, from the
+thresholds below): Winograd F(2x2, 3x3) for wide 3x3 stride-1 layers, and, for small images with
+large weights, the batch lowered side by side into one wide column matrix. Both are also
+bit-identical from run to run for a thread count.
+
 All scratch memory is one caller-owned ``workspace`` of ``conv_workspace_size(...)`` elements, so a
 layer allocates it once and the calls themselves never allocate.
 """
 from cython cimport floating
-from cython.parallel cimport prange
-from libc.string cimport memset
+from cython.parallel cimport prange, threadid
+from libc.string cimport memcpy, memset
 
 from minicaffe.kernels.blas cimport gemm
 from minicaffe.kernels.im2col cimport Geometry, make_geometry, im2col_channels, col2im_channels
+from minicaffe.kernels.parallel cimport team_size
 from minicaffe.kernels.parallel import num_threads
 
 # Per-thread column buffers larger than this in total (a big image on many threads) switch every
 # image to the inside-one-image split, which needs a single buffer.
 COL_BUDGET_BYTES = 256 << 20
+# 3x3 stride-1 convolutions with at least this many input and output channels, output positions
+# per image and 2x2 output tiles over the batch run as Winograd F(2x2, 3x3) (see its section). Below
+# them the transforms of the tiles and of the filters cost more than the GEMM time saved (measured:
+# the 16-64-channel layers of the Fashion-MNIST ResNet ran 45% slower, VGG-16's conv5 at batch 4
+# (196 tiles) and ResNet-50's res5 (7x7) 10-40% slower; VGG-16's conv2-4 ran 1.4-1.6x faster).
+WINOGRAD_MIN_CHANNELS = 64
+WINOGRAD_MIN_SPATIAL = 144
+WINOGRAD_MIN_TILES = 256
+# Winograd tiles go through the transforms and the GEMMs in blocks whose transformed windows take
+# about this many bytes (but at least WINOGRAD_MIN_BLOCK tiles, so that the GEMMs stay wide).
+WINOGRAD_BLOCK_BYTES = 8 << 20
+WINOGRAD_MIN_BLOCK = 128
+# Convolutions with at most this many output positions per image and at least this many weights run
+# as one wide GEMM over a chunk of images (see its section) rather than one GEMM per image
+# (measured: ResNet-50's 7x7 layers ran 25-35% faster; 14x14 and 28x28 images, and small weights
+# such as CIFAR-10's, 5-20% slower).
+WIDE_MAX_SPATIAL = 100
+WIDE_MIN_WEIGHTS = 1 << 18
 
 
 cdef struct Plan:
@@ -41,6 +65,11 @@ cdef struct Plan:
     int workers             # image-splitting workers: threads, or 0 when every image is split inside
     long col_size           # elements of one column buffer (0 when pointwise)
     long weight_size
+    bint winograd           # 3x3, stride 1: Winograd F(2x2, 3x3) instead of im2col and GEMM
+    int wino_block          # tiles per Winograd block
+    long wino_scratch       # elements of each thread's row scratch for the Winograd transforms
+    bint wide               # small images: chunks of images lowered side by side, one GEMM each
+    int wide_chunk          # images per chunk
 
 
 cdef int make_plan(Plan* p, tuple x_shape, tuple w_shape, tuple pad, tuple stride, tuple dilation,
@@ -63,11 +92,37 @@ cdef int make_plan(Plan* p, tuple x_shape, tuple w_shape, tuple pad, tuple strid
     p.workers = p.threads
     if p.threads > 1 and p.threads * p.col_size * itemsize > COL_BUDGET_BYTES:
         p.workers = 0
+    p.winograd = (kh == 3 and kw == 3 and tuple(stride) == (1, 1) and tuple(dilation) == (1, 1)
+                  and group == 1 and 0 <= pad[0] <= 2 and 0 <= pad[1] <= 2
+                  and min(c, m) >= WINOGRAD_MIN_CHANNELS and p.spatial >= WINOGRAD_MIN_SPATIAL
+                  and n * ((p.geom.out_h + 1) // 2) * ((p.geom.out_w + 1) // 2) >= WINOGRAD_MIN_TILES)
+    if p.winograd:
+        tiles = n * max(((p.geom.out_h + 1) // 2) * ((p.geom.out_w + 1) // 2), ((h + 1) // 2) * ((w_ + 1) // 2))
+        p.wino_block = max(1, min(tiles, max(WINOGRAD_MIN_BLOCK,
+                                             WINOGRAD_BLOCK_BYTES // (16 * max(c, m) * itemsize))))
+        p.wino_scratch = 12 * ((max(p.geom.out_w, w_) + 1) // 2) + 8
+    p.wide = (not p.winograd and n > 1 and p.spatial <= WIDE_MAX_SPATIAL
+              and p.weight_size >= WIDE_MIN_WEIGHTS)
+    if p.wide:
+        p.wide_chunk = max(1, min(n, COL_BUDGET_BYTES // ((c * kh * kw + m) * p.spatial * itemsize)))
     return 0
 
 
+cdef long wide_elements(const Plan* p) noexcept nogil:
+    """The wide path's buffers: columns and outputs (or output gradients) of a chunk, staging."""
+    return ((<long>p.geom.channels * p.geom.kernel_h * p.geom.kernel_w + p.out_channels)
+            * p.wide_chunk * p.spatial + p.threads * p.col_size)
+
+
 cdef long workspace_elements(const Plan* p) noexcept:
-    """Per buffer set (one per worker, at least one): columns, transposed dW, db."""
+    """Winograd: transformed filters and their gradient, two blocks of transformed tiles, per-thread
+    rows. Wide: its buffers, then dW^T and db.
+    Otherwise per buffer set (one per worker, at least one): columns, transposed dW, db."""
+    if p.winograd:
+        return (32 * p.weight_size // 9 + 32 * <long>max(p.geom.channels, p.out_channels) * p.wino_block
+                + p.threads * p.wino_scratch)
+    if p.wide:
+        return wide_elements(p) + p.weight_size + p.out_channels
     return max(p.workers, 1) * (p.col_size + p.weight_size + p.out_channels)
 
 
@@ -181,6 +236,440 @@ cdef inline int block_begin(int extent, int blocks, int index) noexcept nogil:
     return <int>(<long>extent * index // blocks)
 
 
+# -- Winograd F(2x2, 3x3) ----------------------------------------------------------------------------
+#
+# A 3x3 stride-1 convolution computes each 2x2 output tile from a 4x4 input window d as
+# A^T [(G g G^T) * (B^T d B)] A: 16 multiplications per tile and channel pair instead of 36. Over a
+# block of tiles the 16 element-wise products become 16 GEMMs, U[k] (out x in) @ V[k] (in x tiles),
+# where U holds the transformed filters and V the transformed windows; the transforms are linear
+# passes over the data. Backward uses the same machinery: dx is the convolution of dy with the
+# filters rotated by 180 degrees and transposed (padding 2 - pad), and dW follows from the chain rule
+# through the same factorization, dU[k] = (A dy A^T)[k] @ V[k]^T and dW = G^T dU G.
+# Blocks of tiles span images, so the GEMMs are wide even for small late-layer images, and the 16
+# GEMMs are split over the threads (fixed assignment: bit-identical runs for a thread count).
+
+cdef struct TileGrid:
+    # A batch of [channels, height, width] images convolved into [out_channels, out_h, out_w] with
+    # padding pad_h, pad_w; output tile (ty, tx) covers rows 2ty, 2ty+1 and columns 2tx, 2tx+1.
+    int batch, channels, height, width, out_channels, out_h, out_w, pad_h, pad_w
+    int tiles_h, tiles_w
+    long tiles_per_image, tiles
+
+
+cdef TileGrid make_grid(int batch, int channels, int height, int width, int out_channels, int out_h,
+                        int out_w, int pad_h, int pad_w) noexcept nogil:
+    cdef TileGrid g
+    g.batch, g.channels, g.height, g.width = batch, channels, height, width
+    g.out_channels, g.out_h, g.out_w, g.pad_h, g.pad_w = out_channels, out_h, out_w, pad_h, pad_w
+    g.tiles_h, g.tiles_w = (out_h + 1) // 2, (out_w + 1) // 2
+    g.tiles_per_image = <long>g.tiles_h * g.tiles_w
+    g.tiles = g.tiles_per_image * batch
+    return g
+
+
+cdef inline void padded_rows(const floating* plane, int height, int width, int h0, int w0, int rows,
+                             int length, floating* out) noexcept nogil:
+    """out[a][i] = plane[h0 + a, w0 + i] for a < rows, i < length, zero outside the plane."""
+    cdef int a, i, first = max(0, -w0), last = min(length, width - w0)
+    cdef floating* row
+    for a in range(rows):
+        row = out + <long>a * length
+        if h0 + a < 0 or h0 + a >= height or last <= first:
+            memset(row, 0, length * sizeof(floating))
+            continue
+        for i in range(first):
+            row[i] = 0
+        memcpy(row + first, plane + <long>(h0 + a) * width + w0 + first, (last - first) * sizeof(floating))
+        for i in range(last, length):
+            row[i] = 0
+
+
+cdef inline void input_row_transform(floating* p, int length, int count, floating* out,
+                                     long k_stride) noexcept nogil:
+    """``count`` tiles of B^T d B from four padded rows p[4][length] (window j at column 2j):
+    first the column transform in place, then the row transform into out[k * k_stride + j]."""
+    cdef int i, j, a
+    cdef floating* p0 = p
+    cdef floating* p1 = p + length
+    cdef floating* p2 = p + 2 * length
+    cdef floating* p3 = p + 3 * length
+    cdef floating v1, v2
+    for i in range(length):
+        v1, v2 = p1[i], p2[i]
+        p0[i] = p0[i] - v2
+        p3[i] = v1 - p3[i]
+        p1[i] = v1 + v2
+        p2[i] = v2 - v1
+    cdef floating* s
+    cdef floating* o0
+    cdef floating* o1
+    for a in range(4):
+        s = p + <long>a * length
+        o0 = out + (4 * a) * k_stride
+        o1 = out + (4 * a + 1) * k_stride
+        for j in range(count):
+            o0[j] = s[2 * j] - s[2 * j + 2]
+            o1[j] = s[2 * j + 1] + s[2 * j + 2]
+        o0 = out + (4 * a + 2) * k_stride
+        o1 = out + (4 * a + 3) * k_stride
+        for j in range(count):
+            o0[j] = s[2 * j + 2] - s[2 * j + 1]
+            o1[j] = s[2 * j + 1] - s[2 * j + 3]
+
+
+cdef inline void next_tile_row(const TileGrid* g, long tile, int* n, int* ty, int* tx) noexcept nogil:
+    cdef long within = tile % g.tiles_per_image
+    n[0] = <int>(tile // g.tiles_per_image)
+    ty[0] = <int>(within // g.tiles_w)
+    tx[0] = <int>(within % g.tiles_w)
+
+
+cdef void input_channel(const TileGrid* g, const floating* x, int c, long t0, int count, floating* v,
+                        long ld, floating* scratch) noexcept nogil:
+    """V[k][c][i] (at v + (k * channels + c) * ld + i) for tiles t0 + i, i < count, of channel c."""
+    cdef long k_stride = <long>g.channels * ld, tile = t0, end = t0 + count
+    cdef floating* out = v + <long>c * ld
+    cdef int n, ty, tx, run
+    next_tile_row(g, tile, &n, &ty, &tx)
+    while tile < end:
+        run = <int>min(<long>(g.tiles_w - tx), end - tile)
+        padded_rows(x + (<long>n * g.channels + c) * g.height * g.width, g.height, g.width,
+                    2 * ty - g.pad_h, 2 * tx - g.pad_w, 4, 2 * run + 2, scratch)
+        input_row_transform(scratch, 2 * run + 2, run, out, k_stride)
+        out += run
+        tile += run
+        tx = 0
+        ty += 1
+        if ty == g.tiles_h:
+            ty = 0
+            n += 1
+
+
+cdef void output_channel(const TileGrid* g, const floating* mo, int m, long t0, int count, long ld,
+                         floating bias, floating* y, floating* scratch) noexcept nogil:
+    """y[n, m] tiles t0 .. t0 + count = A^T M A + bias, M[k] at mo + (k * out_channels + m) * ld + i.
+
+    Per run of tiles along a row: A^T down the columns into t[a][b][j] (2 x 4 rows of ``run``),
+    then across into two output rows, copied into y where they fall inside it."""
+    cdef long k_stride = <long>g.out_channels * ld, tile = t0, end = t0 + count
+    cdef const floating* src = mo + <long>m * ld
+    cdef const floating* s0
+    cdef const floating* s1
+    cdef const floating* s2
+    cdef const floating* s3
+    cdef floating* plane
+    cdef floating* t
+    cdef floating* row
+    cdef int n, ty, tx, run, j, a, b, oh, width
+    next_tile_row(g, tile, &n, &ty, &tx)
+    while tile < end:
+        run = <int>min(<long>(g.tiles_w - tx), end - tile)
+        for b in range(4):
+            s0, s1 = src + b * k_stride, src + (4 + b) * k_stride
+            s2, s3 = src + (8 + b) * k_stride, src + (12 + b) * k_stride
+            t = scratch + b * run
+            for j in range(run):
+                t[j] = s0[j] + s1[j] + s2[j]
+            t = scratch + (4 + b) * run
+            for j in range(run):
+                t[j] = s1[j] - s2[j] - s3[j]
+        plane = y + (<long>n * g.out_channels + m) * g.out_h * g.out_w
+        width = min(2 * run, g.out_w - 2 * tx)
+        row = scratch + 8 * run
+        for a in range(2):
+            oh = 2 * ty + a
+            if oh >= g.out_h:
+                break
+            t = scratch + 4 * a * run
+            for j in range(run):
+                row[2 * j] = t[j] + t[run + j] + t[2 * run + j] + bias
+                row[2 * j + 1] = t[run + j] - t[2 * run + j] - t[3 * run + j] + bias
+            memcpy(plane + <long>oh * g.out_w + 2 * tx, row, width * sizeof(floating))
+        src += run
+        tile += run
+        tx = 0
+        ty += 1
+        if ty == g.tiles_h:
+            ty = 0
+            n += 1
+
+
+cdef void output_grad_channel(const TileGrid* g, const floating* dy, int m, long t0, int count,
+                              floating* z, long ld, floating* scratch) noexcept nogil:
+    """Z[k][m][i] = (A dy A^T)[k] for the 2x2 tiles t0 + i of dy[n, m] (zero beyond the output)."""
+    cdef long k_stride = <long>g.out_channels * ld, tile = t0, end = t0 + count
+    cdef floating* out = z + <long>m * ld
+    cdef floating* p0
+    cdef floating* p1
+    cdef floating* t
+    cdef floating* o0
+    cdef floating* o1
+    cdef floating v0, v1
+    cdef int n, ty, tx, run, i, j, a, length
+    next_tile_row(g, tile, &n, &ty, &tx)
+    while tile < end:
+        run = <int>min(<long>(g.tiles_w - tx), end - tile)
+        length = 2 * run
+        padded_rows(dy + (<long>n * g.out_channels + m) * g.out_h * g.out_w, g.out_h, g.out_w,
+                    2 * ty, 2 * tx, 2, length, scratch)
+        # A dy down the columns: rows dy0, dy0 + dy1, dy0 - dy1, -dy1 (scratch rows 2 to 5).
+        p0, p1 = scratch, scratch + length
+        for i in range(length):
+            v0, v1 = p0[i], p1[i]
+            scratch[2 * length + i] = v0
+            scratch[3 * length + i] = v0 + v1
+            scratch[4 * length + i] = v0 - v1
+            scratch[5 * length + i] = -v1
+        for a in range(4):
+            t = scratch + (2 + a) * length
+            o0, o1 = out + (4 * a) * k_stride, out + (4 * a + 1) * k_stride
+            for j in range(run):
+                o0[j] = t[2 * j]
+                o1[j] = t[2 * j] + t[2 * j + 1]
+            o0, o1 = out + (4 * a + 2) * k_stride, out + (4 * a + 3) * k_stride
+            for j in range(run):
+                o0[j] = t[2 * j] - t[2 * j + 1]
+                o1[j] = -t[2 * j + 1]
+        out += run
+        tile += run
+        tx = 0
+        ty += 1
+        if ty == g.tiles_h:
+            ty = 0
+            n += 1
+
+
+cdef void filter_row(const floating* w, int m, int in_channels, int out_channels, bint rotate,
+                     floating* u) noexcept nogil:
+    """u[k][m][c] = (G g G^T)[k], g = w[m, c] (or for the adjoint, u[k][c][m] with g rotated 180)."""
+    cdef int c, a, b
+    cdef floating g[9]
+    cdef floating t[12]
+    cdef const floating* src
+    cdef long k_stride = <long>in_channels * out_channels, at
+    for c in range(in_channels):
+        src = w + (<long>m * in_channels + c) * 9
+        for a in range(9):
+            g[a] = src[8 - a] if rotate else src[a]
+        for b in range(3):
+            t[b], t[3 + b] = g[b], (g[b] + g[3 + b] + g[6 + b]) * <floating>0.5
+            t[6 + b], t[9 + b] = (g[b] - g[3 + b] + g[6 + b]) * <floating>0.5, g[6 + b]
+        at = <long>c * out_channels + m if rotate else <long>m * in_channels + c
+        for a in range(4):
+            u[(4 * a) * k_stride + at] = t[3 * a]
+            u[(4 * a + 1) * k_stride + at] = (t[3 * a] + t[3 * a + 1] + t[3 * a + 2]) * <floating>0.5
+            u[(4 * a + 2) * k_stride + at] = (t[3 * a] - t[3 * a + 1] + t[3 * a + 2]) * <floating>0.5
+            u[(4 * a + 3) * k_stride + at] = t[3 * a + 2]
+
+
+cdef void add_filter_grad_row(const floating* du, int m, int out_channels, int in_channels,
+                              floating* dw) noexcept nogil:
+    """dw[m, c] += G^T dU[m, c] G for every c, dU[k][m][c] at du + k * out * in + m * in + c."""
+    cdef int c, a, b
+    cdef floating d[16]
+    cdef floating t[12]
+    cdef floating* dst
+    cdef long k_stride = <long>out_channels * in_channels
+    for c in range(in_channels):
+        for a in range(16):
+            d[a] = du[a * k_stride + <long>m * in_channels + c]
+        # G^T dU (3 x 4), then (G^T dU) G (3 x 3).
+        for b in range(4):
+            t[b] = d[b] + (d[4 + b] + d[8 + b]) * <floating>0.5
+            t[4 + b] = (d[4 + b] - d[8 + b]) * <floating>0.5
+            t[8 + b] = (d[4 + b] + d[8 + b]) * <floating>0.5 + d[12 + b]
+        dst = dw + (<long>m * in_channels + c) * 9
+        for a in range(3):
+            dst[3 * a] += t[4 * a] + (t[4 * a + 1] + t[4 * a + 2]) * <floating>0.5
+            dst[3 * a + 1] += (t[4 * a + 1] - t[4 * a + 2]) * <floating>0.5
+            dst[3 * a + 2] += (t[4 * a + 1] + t[4 * a + 2]) * <floating>0.5 + t[4 * a + 3]
+
+
+cdef void winograd_apply(const TileGrid* g, const floating* x, const floating* u, const floating* bias,
+                         floating* y, floating* v, floating* mo, int block, floating* scratch,
+                         long scratch_size, int threads) noexcept nogil:
+    """y = the 3x3 convolution of x whose transformed filters are u ([16][out][in]), plus bias."""
+    cdef long t0
+    cdef int count, c, k, m
+    cdef int cin = g.channels, cout = g.out_channels
+    t0 = 0
+    while t0 < g.tiles:
+        count = <int>min(<long>block, g.tiles - t0)
+        for c in prange(cin, num_threads=team_size(cin, threads), schedule='static'):
+            input_channel(g, x, c, t0, count, v, block, scratch + threadid() * scratch_size)
+        for k in prange(16, num_threads=threads, schedule='static'):
+            gemm(False, False, cout, count, cin, <floating>1, u + <long>k * cout * cin, cin,
+                 v + <long>k * cin * block, block, <floating>0, mo + <long>k * cout * block, block)
+        for m in prange(cout, num_threads=team_size(cout, threads), schedule='static'):
+            output_channel(g, mo, m, t0, count, block, bias[m] if bias != NULL else 0, y,
+                           scratch + threadid() * scratch_size)
+        t0 += block
+
+
+cdef void winograd_forward(const Plan* p, const floating* x, const floating* w, const floating* bias,
+                           floating* y, floating* workspace) noexcept nogil:
+    cdef int m, cin = p.geom.channels, cout = p.out_channels, threads = p.threads
+    cdef long filters = 16 * <long>cout * cin, block_size = 16 * <long>max(cin, cout) * p.wino_block
+    cdef floating* u = workspace
+    cdef TileGrid g = make_grid(p.batch, cin, p.geom.height, p.geom.width, cout, p.geom.out_h,
+                                p.geom.out_w, p.geom.pad_h, p.geom.pad_w)
+    for m in prange(cout, num_threads=team_size(cout, threads), schedule='static'):
+        filter_row(w, m, cin, cout, False, u)
+    winograd_apply(&g, x, u, bias, y, workspace + 2 * filters, workspace + 2 * filters + block_size,
+                   p.wino_block, workspace + 2 * filters + 2 * block_size, p.wino_scratch, threads)
+
+
+cdef void winograd_backward(const Plan* p, const floating* x, const floating* w, const floating* dy,
+                            floating* dx, floating* dw, floating* db, floating* workspace) noexcept nogil:
+    cdef int m, c, k, n, count, cin = p.geom.channels, cout = p.out_channels, threads = p.threads
+    cdef int block = p.wino_block
+    cdef long t0, filters = 16 * <long>cout * cin, block_size = 16 * <long>max(cin, cout) * block
+    cdef floating* u = workspace
+    cdef floating* du = workspace + filters
+    cdef floating* v = workspace + 2 * filters
+    cdef floating* z = v + block_size
+    cdef floating* scratch = z + block_size
+    cdef long scratch_size = p.wino_scratch
+    cdef TileGrid forward_grid = make_grid(p.batch, cin, p.geom.height, p.geom.width, cout, p.geom.out_h,
+                                           p.geom.out_w, p.geom.pad_h, p.geom.pad_w)
+    cdef TileGrid adjoint_grid = make_grid(p.batch, cout, p.geom.out_h, p.geom.out_w, cin, p.geom.height,
+                                           p.geom.width, 2 - p.geom.pad_h, 2 - p.geom.pad_w)
+    if dx != NULL:
+        for m in prange(cout, num_threads=team_size(cout, threads), schedule='static'):
+            filter_row(w, m, cin, cout, True, u)
+        winograd_apply(&adjoint_grid, dy, u, NULL, dx, v, z, block, scratch, scratch_size, threads)
+    if db != NULL:
+        for m in prange(cout, num_threads=team_size(cout, threads), schedule='static'):
+            for n in range(p.batch):
+                add_row_sums(dy + (<long>n * cout + m) * p.spatial, 1, p.spatial, db + m)
+    if dw == NULL:
+        return
+    memset(du, 0, filters * sizeof(floating))
+    t0 = 0
+    while t0 < forward_grid.tiles:
+        count = <int>min(<long>block, forward_grid.tiles - t0)
+        for c in prange(cin, num_threads=team_size(cin, threads), schedule='static'):
+            input_channel(&forward_grid, x, c, t0, count, v, block, scratch + threadid() * scratch_size)
+        for m in prange(cout, num_threads=team_size(cout, threads), schedule='static'):
+            output_grad_channel(&forward_grid, dy, m, t0, count, z, block,
+                                scratch + threadid() * scratch_size)
+        for k in prange(16, num_threads=threads, schedule='static'):
+            gemm(False, True, cout, cin, count, <floating>1, z + <long>k * cout * block, block,
+                 v + <long>k * cin * block, block, <floating>1, du + <long>k * cout * cin, cin)
+        t0 += block
+    for m in prange(cout, num_threads=team_size(cout, threads), schedule='static'):
+        add_filter_grad_row(du, m, cout, cin, dw)
+
+
+# -- small images: the batch as one wide GEMM --------------------------------------------------------
+#
+# With few output positions per image (ResNet's and GoogLeNet's late layers: 7x7, 14x14), one GEMM
+# per image is narrow and the weight gradient is a stream of rank-S updates to a large dW; the
+# GEMMs run far below peak. Here the columns of a chunk of images sit side by side in one wide
+# matrix, [C*kh*kw, images*S], so each pass is a single GEMM per group, split over the threads by
+# output columns (y, dx) or by rows of dW^T, and every element is still computed by one call.
+
+cdef inline void copy_rows(const floating* src, long src_ld, floating* dst, long dst_ld, int rows,
+                           int cols) noexcept nogil:
+    cdef int r
+    for r in range(rows):
+        memcpy(dst + r * dst_ld, src + r * src_ld, cols * sizeof(floating))
+
+
+cdef void wide_lower(const Plan* p, const floating* x, int first, int count, floating* wide, long ld,
+                     floating* staging) noexcept nogil:
+    """Columns of images first .. first + count into wide[:, i * S ...], im2col staged per thread."""
+    cdef long x_image = <long>p.geom.channels * p.geom.height * p.geom.width
+    cdef int i, s = p.spatial, rows = p.geom.channels * p.geom.kernel_h * p.geom.kernel_w
+    cdef floating* own
+    for i in prange(count, num_threads=team_size(count, p.threads), schedule='static'):
+        if p.pointwise:
+            copy_rows(x + (first + i) * x_image, s, wide + <long>i * s, ld, rows, s)
+        else:
+            own = staging + threadid() * p.col_size
+            im2col_channels(x + (first + i) * x_image, &p.geom, 0, p.geom.channels, own)
+            copy_rows(own, s, wide + <long>i * s, ld, rows, s)
+
+
+cdef void wide_forward(const Plan* p, const floating* x, const floating* w, const floating* bias,
+                       floating* y, floating* workspace) noexcept nogil:
+    cdef int first, count, t, g, i, row, j, threads = p.threads, s = p.spatial
+    cdef int mg = p.out_per_group, kg = p.k_per_group, j0, j1
+    cdef long ld = <long>p.wide_chunk * s, y_image = <long>p.out_channels * s
+    cdef floating* wide = workspace
+    cdef floating* out = wide + ld * p.group * kg
+    cdef floating* staging = out + ld * p.out_channels
+    cdef floating b
+    first = 0
+    while first < p.batch:
+        count = min(p.wide_chunk, p.batch - first)
+        wide_lower(p, x, first, count, wide, ld, staging)
+        for t in prange(threads, num_threads=threads, schedule='static', chunksize=1):
+            j0 = block_begin(count * s, threads, t)
+            j1 = block_begin(count * s, threads, t + 1)
+            if j1 > j0:
+                for g in range(p.group):
+                    gemm(False, False, mg, j1 - j0, kg, <floating>1, w + <long>g * mg * kg, kg,
+                         wide + <long>g * kg * ld + j0, ld, <floating>0, out + <long>g * mg * ld + j0, ld)
+        for i in prange(count, num_threads=team_size(count, threads), schedule='static'):
+            copy_rows(out + <long>i * s, ld, y + (first + i) * y_image, s, p.out_channels, s)
+            if bias != NULL:
+                for row in range(p.out_channels):
+                    b = bias[row]
+                    for j in range(s):
+                        y[(first + i) * y_image + <long>row * s + j] += b
+        first += count
+
+
+cdef void wide_backward(const Plan* p, const floating* x, const floating* w, const floating* dy,
+                        floating* dx, floating* dw_t, floating* db, floating* workspace) noexcept nogil:
+    """dx (overwritten), dW^T (+= into dw_t, [group * kg, mg]) and db (+=) for the whole batch."""
+    cdef int first, count, t, g, i, row, r0, r1, j0, j1, threads = p.threads, s = p.spatial
+    cdef int mg = p.out_per_group, kg = p.k_per_group, dw_rows = p.group * kg, last
+    cdef long ld = <long>p.wide_chunk * s, x_image = <long>p.geom.channels * p.geom.height * p.geom.width
+    cdef long y_image = <long>p.out_channels * s
+    cdef floating* wide = workspace
+    cdef floating* grads = wide + ld * dw_rows
+    cdef floating* staging = grads + ld * p.out_channels
+    cdef floating* own
+    first = 0
+    while first < p.batch:
+        count = min(p.wide_chunk, p.batch - first)
+        for i in prange(count, num_threads=team_size(count, threads), schedule='static'):
+            copy_rows(dy + (first + i) * y_image, s, grads + <long>i * s, ld, p.out_channels, s)
+        if db != NULL:
+            for row in prange(p.out_channels, num_threads=team_size(p.out_channels, threads),
+                              schedule='static'):
+                add_row_sums(grads + row * ld, 1, count * s, db + row)
+        if dw_t != NULL:
+            wide_lower(p, x, first, count, wide, ld, staging)
+            for t in prange(threads, num_threads=threads, schedule='static', chunksize=1):
+                r0 = block_begin(dw_rows, threads, t)
+                r1 = block_begin(dw_rows, threads, t + 1)
+                if r1 > r0:
+                    for g in range(r0 // kg, (r1 - 1) // kg + 1):
+                        j0 = max(r0, g * kg)
+                        last = min(r1, (g + 1) * kg)
+                        gemm(False, True, last - j0, mg, count * s, <floating>1, wide + <long>j0 * ld, ld,
+                             grads + <long>g * mg * ld, ld, <floating>1, dw_t + <long>j0 * mg, mg)
+        if dx != NULL:
+            for t in prange(threads, num_threads=threads, schedule='static', chunksize=1):
+                j0 = block_begin(count * s, threads, t)
+                j1 = block_begin(count * s, threads, t + 1)
+                if j1 > j0:
+                    for g in range(p.group):
+                        gemm(True, False, kg, j1 - j0, mg, <floating>1, w + <long>g * mg * kg, kg,
+                             grads + <long>g * mg * ld + j0, ld, <floating>0, wide + <long>g * kg * ld + j0, ld)
+            for i in prange(count, num_threads=team_size(count, threads), schedule='static'):
+                if p.pointwise:
+                    copy_rows(wide + <long>i * s, ld, dx + (first + i) * x_image, s, dw_rows, s)
+                else:
+                    own = staging + threadid() * p.col_size
+                    copy_rows(wide + <long>i * s, ld, own, s, dw_rows, s)
+                    col2im_channels(own, &p.geom, 0, p.geom.channels, dx + (first + i) * x_image)
+        first += count
+
+
 # -- forward -----------------------------------------------------------------------------------------
 
 cdef void forward_impl(const Plan* p, const floating* x, const floating* w, const floating* bias,
@@ -192,6 +681,12 @@ cdef void forward_impl(const Plan* p, const floating* x, const floating* w, cons
     cdef int t, n, c, split_from = per_worker * workers
     cdef floating* col
     cdef const floating* source
+    if p.winograd:
+        winograd_forward(p, x, w, bias, y, workspace)
+        return
+    if p.wide:
+        wide_forward(p, x, w, bias, y, workspace)
+        return
     if per_worker > 0:
         for t in prange(workers, num_threads=workers, schedule='static', chunksize=1):
             col = workspace + t * p.col_size
@@ -235,12 +730,12 @@ cdef void backward_impl(const Plan* p, const floating* x, const floating* w, con
     cdef long x_image = <long>p.geom.channels * p.geom.height * p.geom.width
     cdef long y_image = <long>p.out_channels * p.spatial
     cdef int workers = p.workers, threads = p.threads, m = p.out_channels
-    cdef int buffers = max(workers, 1), mg = p.out_per_group, kg = p.k_per_group
+    cdef int buffers = 1 if p.wide else max(workers, 1), mg = p.out_per_group, kg = p.k_per_group
     cdef int dw_rows = p.group * kg
-    cdef int per_worker = p.batch // workers if workers > 0 else 0
+    cdef int per_worker = p.batch // workers if workers > 0 and not p.wide else 0
     cdef int sets_used = workers if per_worker > 0 else 1
     cdef int t, n, c, b, row, k, split_from = per_worker * workers
-    cdef floating* dw_parts = workspace + buffers * p.col_size
+    cdef floating* dw_parts = workspace + (wide_elements(p) if p.wide else buffers * p.col_size)
     cdef floating* db_parts = dw_parts + buffers * p.weight_size
     cdef floating* col
     cdef floating* dw_part
@@ -249,10 +744,17 @@ cdef void backward_impl(const Plan* p, const floating* x, const floating* w, con
     cdef floating* dx_col
     cdef const floating* column
     cdef floating total
+    if p.winograd:
+        winograd_backward(p, x, w, dy, dx, dw, db, workspace)
+        return
     if per_worker == 0:
         memset(dw_parts, 0, p.weight_size * sizeof(floating))
         memset(db_parts, 0, m * sizeof(floating))
-    else:
+    if p.wide:
+        wide_backward(p, x, w, dy, dx, dw_parts if dw != NULL else NULL, db_parts if db != NULL else NULL,
+                      workspace)
+        split_from = p.batch
+    elif per_worker > 0:
         for t in prange(workers, num_threads=workers, schedule='static', chunksize=1):
             col = workspace + t * p.col_size
             dw_part = dw_parts + t * p.weight_size

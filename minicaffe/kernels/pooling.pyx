@@ -63,16 +63,59 @@ cdef inline void _max_window(const floating* x, const Geometry* g, int h0, int h
     best_index_out[0] = best_index
 
 
+cdef inline void _max_tap(const floating* x_row, int column, floating* y_row, int* mask_row,
+                          int count) noexcept nogil:
+    """One window tap for ``count`` pooled columns at stride 1: y[j] = max(y[j], x_row[j]), the mask
+    taking index column + j where the tap is strictly larger."""
+    cdef int j
+    cdef floating v, best
+    for j in range(count):
+        v = x_row[j]
+        best = y_row[j]
+        mask_row[j] = column + j if v > best else mask_row[j]
+        y_row[j] = v if v > best else best
+
+
 cdef void _max_forward_plane(const floating* x, floating* y, int* mask,
                              const Geometry* g) noexcept nogil:
-    cdef int ph, pw, h0, h1
+    """At stride 1 (GoogLeNet's inception pools), windows wholly inside the image's columns are
+    reduced together, one pooled row at a time: each tap of the window, in row-major order, updates
+    the whole row of running maxima (a loop over pw that vectorizes); a strict '>' keeps the first
+    maximum. Clipped windows, and every window at larger strides (measured: strided row loads made
+    that path 2-3x slower than one window at a time), go one by one."""
+    cdef int ph, pw, h0, h1, h, b, first_pw, end_pw
+    cdef floating* y_row
+    cdef int* mask_row
+    cdef const floating* x_row
+    # Geometry in locals: the stores below could alias *g, which would stop vectorization.
+    cdef int width = g.width, pad = g.pad_w, kernel = g.kernel_w
+    # Pooled columns [first_pw, end_pw) have windows inside [0, width) (none unless stride 1).
+    first_pw = end_pw = 0
+    if g.stride_w == 1 and width >= kernel:
+        first_pw = min(pad, g.pooled_width)
+        end_pw = max(min(width - kernel + pad + 1, g.pooled_width), first_pw)
     for ph in range(g.pooled_height):
         h0 = ph * g.stride_h - g.pad_h
         h1 = min(h0 + g.kernel_h, g.height)
         h0 = max(h0, 0)
-        for pw in range(g.pooled_width):
-            _max_window(x, g, h0, h1, pw, &y[ph * g.pooled_width + pw],
-                        &mask[ph * g.pooled_width + pw])
+        y_row = y + ph * g.pooled_width
+        mask_row = mask + ph * g.pooled_width
+        for pw in range(first_pw):
+            _max_window(x, g, h0, h1, pw, &y_row[pw], &mask_row[pw])
+        for pw in range(end_pw, g.pooled_width):
+            _max_window(x, g, h0, h1, pw, &y_row[pw], &mask_row[pw])
+        if end_pw == first_pw:
+            continue
+        # Window columns start at pw - pad, inside the row for pw >= first_pw.
+        x_row = x + <long>h0 * width + first_pw - pad
+        for pw in range(end_pw - first_pw):
+            y_row[first_pw + pw] = x_row[pw]
+            mask_row[first_pw + pw] = h0 * width + first_pw - pad + pw
+        for h in range(h0, h1):
+            x_row = x + <long>h * width + first_pw - pad
+            for b in range(1 if h == h0 else 0, kernel):
+                _max_tap(x_row + b, h * width + first_pw - pad + b, y_row + first_pw, mask_row + first_pw,
+                         end_pw - first_pw)
 
 
 cdef int _max_backward_plane(const floating* dy, const int* mask, floating* dx,
