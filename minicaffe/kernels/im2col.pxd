@@ -1,5 +1,13 @@
 # C-level im2col/col2im for other kernels:  from minicaffe.kernels.im2col cimport ...
 from cython cimport floating
+from libc.stdint cimport int16_t, uint16_t
+
+# What im2col moves: FP32/FP64 values, DFP16 int16 values and BF16 bit patterns.
+ctypedef fused pixel:
+    float
+    double
+    int16_t
+    uint16_t
 
 
 cdef struct Geometry:
@@ -13,8 +21,8 @@ cdef Geometry make_geometry(int channels, int height, int width, int kernel_h, i
                             int pad_h, int pad_w, int stride_h, int stride_w,
                             int dilation_h, int dilation_w) except *
 
-cdef void im2col_channels(const floating* image, const Geometry* geom, int c_begin, int c_end,
-                          floating* col) noexcept nogil
+cdef void im2col_channels(const pixel* image, const Geometry* geom, int c_begin, int c_end,
+                          pixel* col) noexcept nogil
 
 cdef void col2im_channels(const floating* col, const Geometry* geom, int c_begin, int c_end,
                           floating* image) noexcept nogil

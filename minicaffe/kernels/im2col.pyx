@@ -1,4 +1,6 @@
-"""im2col and col2im with Caffe's semantics (padding, stride, dilation), for float32 and float64.
+"""im2col and col2im with Caffe's semantics (padding, stride, dilation). im2col moves float32, float64
+and the 16-bit reduced-precision tensors (DFP16 int16 values, BF16 uint16 bit patterns); col2im, which
+adds, takes float32 and float64.
 
 im2col lays every [kernel_h, kernel_w] window of an image [C, H, W] out as one column of
 col[C*kernel_h*kernel_w, OH*OW]: row (c, i, j) holds the input pixel at
@@ -45,13 +47,14 @@ cdef Geometry make_geometry(int channels, int height, int width, int kernel_h, i
 
 cdef extern from *:
     """
-    /* Stride-1 rows with AVX-512: each run of 16 floats (8 doubles) is one masked load, the mask
-       marking the pixels inside the image, so padding costs no branches and masked-off lanes are
-       never read. Masked stores are slow on this hardware, so im2col stores full vectors and lets
-       a row's spill-over be overwritten by the rows after it, masking only where a store would
-       run past the block (into memory another thread may own).
+    /* Stride-1 rows with AVX-512: each run of 16 floats (8 doubles, 32 16-bit values) is one masked
+       load, the mask marking the pixels inside the image, so padding costs no branches and
+       masked-off lanes are never read. Masked stores are slow on this hardware, so im2col stores
+       full vectors and lets a row's spill-over be overwritten by the rows after it, masking only
+       where a store would run past the block (into memory another thread may own).
        col2im gathers: every image row sums its kernel taps in registers and is stored once, which
        avoids the read-modify-write of a scatter (stalls where shifted stores and loads overlap). */
+    #include <stdint.h>
     #include <string.h>
     #ifdef __AVX512F__
     #include <immintrin.h>
@@ -60,7 +63,7 @@ cdef extern from *:
         last = last < first ? first : (last > width ? width : last);
         return (unsigned)(((1ull << last) - 1) & ~((1ull << first) - 1));
     }
-    #define ROW_KERNELS(T, LANES, SUFFIX, MASK)                                                      \
+    #define LOWER_ROWS(T, LANES, SUFFIX, MASK)                                                      \
     /* dst[r][j] = src[r*src_stride + offset + j] for j in [first, last), 0 elsewhere in [0, n). */ \
     static void lower_rows_##SUFFIX(T *dst, const T *src, long src_stride, int offset, int n,       \
                                     int first, int last, int rows) {                                \
@@ -95,7 +98,8 @@ cdef extern from *:
                     _mm512_mask_storeu_##SUFFIX(d + c * LANES, tail, v);                            \
             }                                                                                       \
         }                                                                                           \
-    }                                                                                               \
+    }
+    #define RAISE_PLANE(T, LANES, SUFFIX, MASK)                                                     \
     /* image[h][w] = sum of the column entries that im2col took from it, for one channel. */       \
     static void raise_plane_##SUFFIX(const T *col, T *image, int height, int width, int out_h,     \
                                      int out_w, int kernel_h, int kernel_w, int pad_h, int pad_w,   \
@@ -132,10 +136,12 @@ cdef extern from *:
     }
     typedef __m512 __m512ps_T;
     typedef __m512d __m512pd_T;
-    ROW_KERNELS(float, 16, ps, __mmask16)
-    ROW_KERNELS(double, 8, pd, __mmask8)
-    #else
-    #define ROW_KERNELS(T, SUFFIX)                                                                  \
+    LOWER_ROWS(float, 16, ps, __mmask16)
+    LOWER_ROWS(double, 8, pd, __mmask8)
+    RAISE_PLANE(float, 16, ps, __mmask16)
+    RAISE_PLANE(double, 8, pd, __mmask8)
+    #endif
+    #define SCALAR_LOWER_ROWS(T, SUFFIX)                                                            \
     static void lower_rows_##SUFFIX(T *dst, const T *src, long src_stride, int offset, int n,       \
                                     int first, int last, int rows) {                                \
         for (int r = 0; r < rows; r++) {                                                           \
@@ -145,7 +151,8 @@ cdef extern from *:
             for (int j = first; j < last; j++) d[j] = s[j];                                        \
             for (int j = last; j < n; j++) d[j] = 0;                                               \
         }                                                                                           \
-    }                                                                                               \
+    }
+    #define SCALAR_RAISE_PLANE(T, SUFFIX)                                                           \
     static void raise_plane_##SUFFIX(const T *col, T *image, int height, int width, int out_h,     \
                                      int out_w, int kernel_h, int kernel_w, int pad_h, int pad_w,   \
                                      int stride_h, int dilation_h, int dilation_w) {               \
@@ -165,14 +172,26 @@ cdef extern from *:
                 image[(long)h * width + w] = acc;                                                  \
             }                                                                                       \
     }
-    ROW_KERNELS(float, ps)
-    ROW_KERNELS(double, pd)
+    #ifndef __AVX512F__
+    SCALAR_LOWER_ROWS(float, ps)
+    SCALAR_LOWER_ROWS(double, pd)
+    SCALAR_RAISE_PLANE(float, ps)
+    SCALAR_RAISE_PLANE(double, pd)
+    #endif
+    /* 16-bit values (DFP16 int16, BF16 bits) move as uint16: im2col only copies them. */
+    #ifdef __AVX512BW__
+    typedef __m512i __m512epi16_T;
+    LOWER_ROWS(uint16_t, 32, epi16, __mmask32)
+    #else
+    SCALAR_LOWER_ROWS(uint16_t, epi16)
     #endif
     """
     void lower_rows_ps(float* dst, const float* src, long src_stride, int offset, int n, int first,
                        int last, int rows) noexcept nogil
     void lower_rows_pd(double* dst, const double* src, long src_stride, int offset, int n, int first,
                        int last, int rows) noexcept nogil
+    void lower_rows_epi16(uint16_t* dst, const uint16_t* src, long src_stride, int offset, int n,
+                          int first, int last, int rows) noexcept nogil
     void raise_plane_ps(const float* col, float* image, int height, int width, int out_h, int out_w,
                         int kernel_h, int kernel_w, int pad_h, int pad_w, int stride_h,
                         int dilation_h, int dilation_w) noexcept nogil
@@ -194,14 +213,14 @@ cdef inline void valid_outputs(int offset, int stride, int size, int out_size,
     last[0] = max(first[0], min(last[0], out_size))
 
 
-cdef void im2col_channels(const floating* image, const Geometry* geom, int c_begin, int c_end,
-                          floating* col) noexcept nogil:
+cdef void im2col_channels(const pixel* image, const Geometry* geom, int c_begin, int c_end,
+                          pixel* col) noexcept nogil:
     cdef int kh = geom.kernel_h, kw = geom.kernel_w, sh = geom.stride_h, sw = geom.stride_w
     cdef int height = geom.height, width = geom.width, oh_n = geom.out_h, ow_n = geom.out_w
     cdef int c, ki, kj, oh, ow, row_offset, col_offset, oh_first, oh_last, ow_first, ow_last
-    cdef const floating* src
-    cdef floating* rows
-    cdef floating* dst
+    cdef const pixel* src
+    cdef pixel* rows
+    cdef pixel* dst
     for c in range(c_begin, c_end):
         for ki in range(kh):
             row_offset = ki * geom.dilation_h - geom.pad_h
@@ -212,14 +231,18 @@ cdef void im2col_channels(const floating* image, const Geometry* geom, int c_beg
                 rows = col + (<long>(c * kh + ki) * kw + kj) * oh_n * ow_n
                 src = image + (<long>c * height + oh_first * sh + row_offset) * width
                 if oh_first > 0:
-                    memset(rows, 0, <size_t>oh_first * ow_n * sizeof(floating))
+                    memset(rows, 0, <size_t>oh_first * ow_n * sizeof(pixel))
                 if sw == 1:
-                    if floating is float:
+                    if pixel is float:
                         lower_rows_ps(rows + <long>oh_first * ow_n, src, <long>sh * width,
                                       col_offset, ow_n, ow_first, ow_last, oh_last - oh_first)
-                    else:
+                    elif pixel is double:
                         lower_rows_pd(rows + <long>oh_first * ow_n, src, <long>sh * width,
                                       col_offset, ow_n, ow_first, ow_last, oh_last - oh_first)
+                    else:
+                        lower_rows_epi16(<uint16_t*>rows + <long>oh_first * ow_n, <const uint16_t*>src,
+                                         <long>sh * width, col_offset, ow_n, ow_first, ow_last,
+                                         oh_last - oh_first)
                 else:
                     for oh in range(oh_first, oh_last):
                         dst = rows + <long>oh * ow_n
@@ -231,7 +254,7 @@ cdef void im2col_channels(const floating* image, const Geometry* geom, int c_beg
                             dst[ow] = 0
                         src += sh * width
                 if oh_last < oh_n:
-                    memset(rows + <long>oh_last * ow_n, 0, <size_t>(oh_n - oh_last) * ow_n * sizeof(floating))
+                    memset(rows + <long>oh_last * ow_n, 0, <size_t>(oh_n - oh_last) * ow_n * sizeof(pixel))
 
 
 cdef void col2im_channels(const floating* col, const Geometry* geom, int c_begin, int c_end,
@@ -279,8 +302,8 @@ cdef Geometry _checked_geometry(tuple image_shape, tuple col_shape, int kernel_h
     return g
 
 
-def im2col(const floating[:, :, ::1] x, int kernel_h, int kernel_w, int pad_h, int pad_w,
-           int stride_h, int stride_w, int dilation_h, int dilation_w, floating[:, ::1] col):
+def im2col(const pixel[:, :, ::1] x, int kernel_h, int kernel_w, int pad_h, int pad_w,
+           int stride_h, int stride_w, int dilation_h, int dilation_w, pixel[:, ::1] col):
     """Writes the windows of image x[C, H, W] into col[C*kernel_h*kernel_w, OH*OW]."""
     cdef Geometry g = _checked_geometry((x.shape[0], x.shape[1], x.shape[2]),
                                         (col.shape[0], col.shape[1]), kernel_h, kernel_w,
