@@ -38,6 +38,41 @@ def _common_flags(parser):
           help="OpenMP threads for the kernels (default: OMP_NUM_THREADS, else all cores)")
 
 
+def _precision_flags(parser):
+    _flag(parser, "precision", default=None, type=str.upper, choices=("FP32", "BF16", "DFP16"),
+          help="arithmetic of Convolution and InnerProduct layers, replacing the net's (and the solver's) "
+               "net-level precision; the first Convolution and last InnerProduct stay FP32 unless they set "
+               "their own")
+    _flag(parser, "debug_info", action="store_true",
+          help="print per-layer reduced-precision statistics (exponents, flushed and clipped fractions, "
+               "overflow-chunk events)")
+
+
+def _comm_flags(parser):
+    """How gradients are reduced when mpiexec starts several ranks (ignored in a single process)."""
+    _flag(parser, "comm_overlap", default="backward", choices=("none", "backward", "forward"),
+          help="none: blocking allreduce after backward; backward: each layer's allreduce starts in "
+               "backward, waited for just before its update (default); forward: also defer the update "
+               "into the next forward (Intel Caffe's FW_OVERLAP_OPT)")
+    _flag(parser, "comm_bucket_mb", type=float, default=4.0, help="fuse gradients into buckets of this size")
+    _flag(parser, "comm_priority", action="store_true",
+          help="send the buckets nearest the input first (one bucket in flight at a time)")
+    _flag(parser, "comm_compress", default="none", choices=("none", "bf16", "int8"),
+          help="send gradients as BF16, or INT8 blocks of 256 with error feedback")
+    _flag(parser, "comm_progress", default="test", choices=("test", "thread"),
+          help="how MPI progresses during backward: Test between layers, or a progress thread")
+    _flag(parser, "comm_timeout", type=float, default=300.0,
+          help="seconds a rank waits for the others before stopping every rank")
+    _flag(parser, "comm_stats", action="store_true", help="print per-layer communication statistics")
+
+
+def _comm_config(args):
+    from .comm import CommConfig
+    return CommConfig(overlap=args.comm_overlap, bucket_mb=args.comm_bucket_mb, priority=args.comm_priority,
+                      compress=args.comm_compress, progress=args.comm_progress, timeout_s=args.comm_timeout,
+                      stats=args.comm_stats)
+
+
 def build_parser(verb):
     parser = argparse.ArgumentParser(prog=f"minicaffe {verb}", allow_abbrev=False)
     _common_flags(parser)
@@ -51,6 +86,8 @@ def build_parser(verb):
         _flag(parser, "sighup_effect", default="snapshot", choices=("stop", "snapshot", "none"))
         _flag(parser, "level", type=int, default=0)
         _flag(parser, "stage", default="")
+        _comm_flags(parser)
+        _precision_flags(parser)
     elif verb == "test":
         _flag(parser, "model", default="", help="the net definition prototxt")
         _flag(parser, "weights", default="", help="the .caffemodel to test")
@@ -62,6 +99,7 @@ def build_parser(verb):
         _flag(parser, "weights", default="", help="optional weights")
         _flag(parser, "json", action="store_true", help="print one JSON object with the timings")
         _net_state_flags(parser, "TRAIN")
+        _precision_flags(parser)
     return parser
 
 
@@ -89,9 +127,13 @@ def main(argv=None):
             set_num_threads(args.threads)
         return {"train": train, "test": test, "time": time_net}[verb](args)
     except MinicaffeError as err:
+        from .comm import stop_all_ranks
+        stop_all_ranks(f"{verb}: error: {err}")
         print(f"{verb}: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        from .comm import stop_all_ranks
+        stop_all_ranks(f"{verb}: interrupted")
         print(f"{verb}: interrupted", file=sys.stderr)
         return 130
 
@@ -130,7 +172,12 @@ def train(args):
     if args.level or args.stage:
         solver_param.train_state.level = args.level
         solver_param.train_state.stage.extend(_stages(args))
-    solver = get_solver(solver_param, source=args.solver)
+    if args.precision:
+        from .proto import minicaffe_pb2 as pb
+        solver_param.precision = pb.Precision.Value(args.precision)
+    if args.debug_info:
+        solver_param.debug_info = True
+    solver = get_solver(solver_param, source=args.solver, comm_config=_comm_config(args))
     solver.sigint_effect = args.sigint_effect
     solver.sighup_effect = args.sighup_effect
     try:
@@ -190,8 +237,10 @@ def time_net(args):
     if args.iterations < 1:
         raise MinicaffeError("--iterations must be at least 1")
     _log_cpu_mode(log, args)
+    from .proto import minicaffe_pb2 as pb
     net = Net(args.model, weights=args.weights or None, phase=_phase(args), level=args.level,
-              stages=_stages(args))
+              stages=_stages(args), precision=args.precision,
+              precision_param=pb.PrecisionParameter(precision_stats=True) if args.debug_info else None)
     try:
         log.info("Performing Forward")
         log.info(f"Initial loss: {net.forward_layers()}")
@@ -232,6 +281,10 @@ def time_net(args):
         log.info(f"Average Forward-Backward: {fb:.6g} ms.")
         log.info(f"Total Time: {sum(iteration_ms):.6g} ms.")
         log.info("*** Benchmark ends ***")
+        if args.debug_info:
+            from .precision import net_stats_lines
+            for line in net_stats_lines(net):
+                log.info(line)
         peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         # What training needs: every blob's data and diff, plus one history buffer per parameter.
         needed = net.blob_bytes() + sum(p.data.nbytes for p in net.learnable_params)
@@ -242,6 +295,7 @@ def time_net(args):
             median_fb = statistics.median(iteration_ms)
             print(json.dumps({
                 "net": net.name, "batch": batch, "iterations": args.iterations, "threads": num_threads(),
+                "precision": args.precision or "net default",
                 "forward_ms": total_forward, "backward_ms": total_backward, "forward_backward_ms": fb,
                 "forward_backward_ms_median": median_fb,
                 "peak_rss_mb": peak_rss / 2**20, "blob_mb": needed / 2**20,

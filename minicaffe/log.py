@@ -3,6 +3,7 @@
     I1121 19:50:00.123456  4242 solver.py:121] Iteration 100 (45.1 iter/s, 2.21s/100 iters), loss = 0.31
 
 Lines go to stderr. While a progress bar is shown (stderr is a terminal), lines are written above it.
+Under mpiexec only rank 0 logs information; the other ranks report warnings and errors only.
 """
 import logging
 import os
@@ -47,14 +48,19 @@ def get_logger():
         _handler = _ProgressAwareHandler(sys.stderr)
         _handler.setFormatter(GlogFormatter())
         logger.addHandler(_handler)
-        logger.setLevel(logging.INFO)
+        logger.setLevel(logging.INFO if _is_rank_zero() else logging.WARNING)
         logger.propagate = False
     return logger
 
 
+def _is_rank_zero():
+    from .comm.environment import launched_rank
+    return launched_rank() == 0
+
+
 def progress_bar(total, initial=0, desc="train"):
-    """A tqdm bar on stderr when stderr is a terminal; otherwise None (logs stay clean in files)."""
-    if not sys.stderr.isatty():
+    """A tqdm bar on stderr when stderr is a terminal (rank 0 only); otherwise None (logs stay clean)."""
+    if not sys.stderr.isatty() or not _is_rank_zero():
         return None
     from tqdm import tqdm
     get_logger()

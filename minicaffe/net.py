@@ -11,6 +11,7 @@ import os
 import numpy as np
 
 from . import hdf5_io, prototxt
+from .precision import policy as precision_policy
 from .blob import Blob
 from .errors import MinicaffeError
 from .layer import create_layer, layer_class
@@ -25,9 +26,13 @@ class Net:
     """A network of layers. ``Net(path_or_param, weights=None, phase=TEST, level=0, stages=())``.
 
     As in pycaffe, ``Net(prototxt, phase)`` and ``Net(prototxt, weights, phase)`` also work.
+    ``precision`` (FP32, BF16, DFP16: a name or a Precision value) and ``precision_param`` replace
+    the net-level precision settings; ``precision_stats_interval`` prints each reduced-precision
+    layer's statistics every that many training iterations.
     """
 
-    def __init__(self, model, weights=None, phase=None, level=0, stages=()):
+    def __init__(self, model, weights=None, phase=None, level=0, stages=(), precision=None,
+                 precision_param=None, precision_stats_interval=0):
         if isinstance(weights, int) and phase is None:
             weights, phase = None, weights
         phase = TEST if phase is None else phase
@@ -51,6 +56,8 @@ class Net:
         kept = [(lp, line) for lp, line in zip(layer_params, lines) if _state_includes(state, lp, self._where(line))]
         kept = _insert_splits(kept)
         self._build(kept, param.force_backward)
+        self._assign_precision([lp for lp, _ in kept], param, precision, precision_param,
+                               precision_stats_interval)
         if weights is not None:
             self.copy_from(weights)
 
@@ -149,6 +156,18 @@ class Net:
         self.loss_terms = [(top, w) for layer, tops in zip(self.layers, self.top_vecs)
                            for top, w in zip(tops, layer.loss_weights) if w != 0]
 
+    def _assign_precision(self, layer_params, param, precision, precision_param, stats_interval):
+        """Gives each Convolution and InnerProduct its resolved precision (rules in precision/policy.py)."""
+        try:
+            mode = precision_policy.parse_precision(precision)
+        except ValueError as err:
+            raise MinicaffeError(f"net '{self.name}': {err}") from None
+        settings = precision_policy.resolve_net_precision(layer_params, param, mode, precision_param,
+                                                          stats_interval if self.phase == TRAIN else 0)
+        for layer, setting in zip(self.layers, settings):
+            if setting is not None and hasattr(layer, "set_precision"):
+                layer.set_precision(setting)
+
     def _setup_loss_weights(self, layer, lp, tops, where):
         weights = list(lp.loss_weight)
         if not weights and layer.is_loss and tops:
@@ -216,11 +235,16 @@ class Net:
         for layer, bottoms, tops in zip(self.layers, self.bottom_vecs, self.top_vecs):
             layer.reshape(bottoms, tops)
 
+    # Called with a layer's index just before it runs forward: the communicator's deferred updates.
+    before_forward = None
+
     def forward_layers(self, start=0, end=None):
         """Runs layers [start, end] forward and returns the weighted loss, as Caffe's ForwardFromTo."""
         end = len(self.layers) - 1 if end is None else end
         with blas_single_threaded():
             for i in range(start, end + 1):
+                if self.before_forward is not None:
+                    self.before_forward(i)
                 self.layers[i].forward(self.bottom_vecs[i], self.top_vecs[i])
         return self.current_loss()
 

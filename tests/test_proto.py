@@ -220,7 +220,9 @@ def test_minicaffe_extensions_use_the_reserved_range():
     ours = {(message.name, field.name, field.number)
             for message in _all_messages(pb.DESCRIPTOR.message_types_by_name.values())
             for field in message.fields if field.number >= 1000}
-    assert ours == {("DataParameter", "shuffle", 5000), ("DataParameter", "label_source", 5001)}
+    precision = {(message, field, number) for message in ("NetParameter", "LayerParameter", "SolverParameter")
+                 for field, number in (("precision", 5000), ("precision_param", 5001))}
+    assert ours == {("DataParameter", "shuffle", 5000), ("DataParameter", "label_source", 5001)} | precision
     assert pb.DataParameter.IDX == 5000
     assert pb.DataParameter().shuffle is False
 

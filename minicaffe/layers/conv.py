@@ -7,6 +7,7 @@ import numpy as np
 from minicaffe.kernels import batchnorm, conv
 from minicaffe.kernels.parallel import num_threads
 from minicaffe.layer import Layer, register
+from minicaffe.precision import LowPrecisionConvolution, check_float32, layer_precision
 
 
 class _Scratch(threading.local):
@@ -114,6 +115,17 @@ class ConvolutionLayer(_ConvolutionBase):
     (H + 2 * pad - (dilation * (kernel - 1) + 1)) // stride + 1.
     """
 
+    lowp = None
+
+    def set_precision(self, setting):
+        """FP32, or a reduced-precision driver (the net resolves the setting; see precision/)."""
+        self.precision = setting
+        self.lowp = None if setting.is_fp32 else LowPrecisionConvolution(self, setting)
+
+    def setup(self, bottom, top):
+        super().setup(bottom, top)
+        self.set_precision(layer_precision(self.param))
+
     def _weight_shape(self, channels):
         return (self.num_output, channels // self.group, *self.kernel)
 
@@ -129,6 +141,10 @@ class ConvolutionLayer(_ConvolutionBase):
                           self.group, dtype)
 
     def forward(self, bottom, top):
+        if self.lowp is not None:
+            check_float32(self, bottom[0].data)
+            self.lowp.forward(bottom, top)
+            return
         workspace = self._workspace_for(bottom[0].shape, top[0].shape, bottom[0].dtype)
         weight = self.blobs[0].data
         bias = self.blobs[1].data if self.bias_term else None
@@ -137,6 +153,9 @@ class ConvolutionLayer(_ConvolutionBase):
                               self.group, workspace)
 
     def backward(self, top, propagate_down, bottom):
+        if self.lowp is not None:
+            self.lowp.backward(top, propagate_down, bottom)
+            return
         workspace = self._workspace_for(bottom[0].shape, top[0].shape, bottom[0].dtype)
         weight = self.blobs[0]
         weight_diff = weight.diff if self.param_propagate_down[0] else None

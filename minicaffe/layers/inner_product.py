@@ -4,6 +4,7 @@ import numpy as np
 from minicaffe.errors import MinicaffeError
 from minicaffe.kernels.blas import matmul
 from minicaffe.layer import Layer, register
+from minicaffe.precision import LowPrecisionInnerProduct, check_float32, layer_precision
 
 
 @register("InnerProduct")
@@ -29,6 +30,12 @@ class InnerProductLayer(Layer):
         shape = (inputs, self.num_output) if self.transpose else (self.num_output, inputs)
         self.blobs = self.weight_and_bias(shape, self.num_output, p)
         self.ones = np.ones(0, bottom[0].dtype)
+        self.set_precision(layer_precision(self.param))
+
+    def set_precision(self, setting):
+        """FP32, or a reduced-precision GEMM driver (the net resolves the setting; see precision/)."""
+        self.precision = setting
+        self.lowp = None if setting.is_fp32 else LowPrecisionInnerProduct(self, setting)
 
     def _axis(self, blob):
         try:
@@ -54,7 +61,11 @@ class InnerProductLayer(Layer):
     def forward(self, bottom, top):
         x = bottom[0].data.reshape(self.rows, self.inputs)
         y = top[0].data.reshape(self.rows, self.num_output)
-        matmul(x, self.blobs[0].data, y, trans_b=not self.transpose)
+        if self.lowp is not None:
+            check_float32(self, x)
+            self.lowp.forward(x, self.blobs[0].data, y, self.transpose, bottom[0].name)
+        else:
+            matmul(x, self.blobs[0].data, y, trans_b=not self.transpose)
         if self.bias_term:
             np.add(y, self.blobs[1].data, out=y)
 
@@ -62,13 +73,22 @@ class InnerProductLayer(Layer):
         x = bottom[0].data.reshape(self.rows, self.inputs)
         dy = top[0].diff.reshape(self.rows, self.num_output)
         weight = self.blobs[0]
+        if self.lowp is not None:
+            self._backward_bias(dy)
+            self.lowp.backward(dy, weight.diff if self.param_propagate_down[0] else None,
+                               bottom[0].diff.reshape(self.rows, self.inputs) if propagate_down[0] else None,
+                               self.transpose, top[0].name)
+            return
         if self.param_propagate_down[0]:
             if self.transpose:
                 matmul(x, dy, weight.diff, trans_a=True, beta=1.0)
             else:
                 matmul(dy, x, weight.diff, trans_a=True, beta=1.0)
+        self._backward_bias(dy)
+        if propagate_down[0]:
+            matmul(dy, weight.data, bottom[0].diff.reshape(self.rows, self.inputs), trans_b=self.transpose)
+
+    def _backward_bias(self, dy):
         if self.bias_term and self.param_propagate_down[1]:
             matmul(self.ones[:self.rows].reshape(1, self.rows), dy,
                    self.blobs[1].diff.reshape(1, self.num_output), beta=1.0)
-        if propagate_down[0]:
-            matmul(dy, weight.data, bottom[0].diff.reshape(self.rows, self.inputs), trans_b=self.transpose)

@@ -13,6 +13,9 @@ import time
 import numpy as np
 
 from .. import hdf5_io, prototxt, rng
+from ..comm import CommConfig, create_distribution, create_session, environment
+from ..comm.data_parallel import broadcast_weights, setup_data_parallel
+from ..comm.deferred import DeferredUpdates
 from ..errors import MinicaffeError
 from ..log import close_progress_bar, fmt, get_logger, output_line, progress_bar
 from ..net import Net
@@ -33,10 +36,11 @@ def register_solver(type_name):
     return decorate
 
 
-def get_solver(solver, source=None):
+def get_solver(solver, source=None, comm_config=None):
     """Builds the solver a SolverParameter (or a solver prototxt path) asks for.
 
-    ``source`` names the file a SolverParameter came from, for messages and relative net paths.
+    ``source`` names the file a SolverParameter came from, for messages and relative net paths;
+    ``comm_config`` (a CommConfig) says how gradients are reduced when mpiexec started several ranks.
     """
     from . import sgd  # noqa: F401  (registers the built-in solvers)
     if isinstance(solver, (str, os.PathLike)):
@@ -49,7 +53,7 @@ def get_solver(solver, source=None):
     if cls is None:
         raise MinicaffeError(f"{source or 'solver'}: solver type '{type_name}' is not available in minicaffe "
                              f"(available: {', '.join(sorted(_SOLVERS))})")
-    return cls(solver, source=source)
+    return cls(solver, source=source, comm_config=comm_config)
 
 
 class StopRequest:
@@ -60,7 +64,7 @@ class StopRequest:
 class Solver:
     type_name = "Solver"
 
-    def __init__(self, param, source=None):
+    def __init__(self, param, source=None, comm_config=None):
         self.param = param
         self.source = source
         self.iter = 0
@@ -74,11 +78,19 @@ class Solver:
         if param.random_seed >= 0:
             rng.set_seed(param.random_seed)
         self._check_param()
+        self.comm_config = (comm_config or CommConfig()).check()
+        self.env = environment()
+        self.dist = create_distribution(self.env, self.comm_config.timeout_s)
         self.net = self._build_train_net()
         self.test_nets = self._build_test_nets()
         for net in self.test_nets:
             net.share_weights_from(self.net)
         self.history = [np.zeros(p.shape, dtype=np.float32) for p in self.net.learnable_params]
+        if self.dist.size > 1:
+            setup_data_parallel([self.net, *self.test_nets], self.dist)
+        self.comm = create_session(self.net, self.dist, self.comm_config, self.env)
+        self._deferred = (DeferredUpdates(self.comm, self.net, self._update_param)
+                          if self.comm.defers_updates else None)
 
     # -- building ----------------------------------------------------------------------------------
     def _where(self):
@@ -106,9 +118,16 @@ class Solver:
 
     def _net_from(self, param_or_path, state):
         stages = list(state.stage)
+        p = self.param
+        # The solver's precision settings replace the nets' own; debug_info prints the statistics.
+        precision = dict(precision=p.precision if p.HasField("precision") else None,
+                         precision_param=p.precision_param if p.HasField("precision_param") else None,
+                         precision_stats_interval=p.display if p.debug_info or p.precision_param.precision_stats
+                         else 0)
         if isinstance(param_or_path, str):
-            return Net(self._resolve(param_or_path), phase=state.phase, level=state.level, stages=stages)
-        return Net(param_or_path, phase=state.phase, level=state.level, stages=stages)
+            return Net(self._resolve(param_or_path), phase=state.phase, level=state.level, stages=stages,
+                       **precision)
+        return Net(param_or_path, phase=state.phase, level=state.level, stages=stages, **precision)
 
     def _build_train_net(self):
         p = self.param
@@ -151,6 +170,10 @@ class Solver:
         if resume_file:
             log.info(f"Restoring previous solver status from {resume_file}")
             self.restore(resume_file)
+        if self.dist.size > 1:
+            broadcast_weights(self.net, self.dist)
+            log.info(f"Data parallel over {self.dist.size} ranks: each reads its shard of a global batch of "
+                     f"{self.dist.size} x batch_size; gradients are averaged over the ranks")
         with _signal_actions(self):
             self.step(self.param.max_iter - self.iter)
         p = self.param
@@ -162,9 +185,11 @@ class Solver:
         if p.display and self.iter % p.display == 0:
             loss = self.net.forward_layers()
             self._update_smoothed_loss(loss, self.iter, p.average_loss)
-            log.info(f"Iteration {self.iter}, loss = {fmt(self.smoothed_loss)}")
+            log.info(f"Iteration {self.iter}, loss = {fmt(self._mean_over_ranks(self.smoothed_loss))}")
         if p.test_interval and self.iter % p.test_interval == 0:
             self.test_all()
+        if self.comm.statistics is not None:
+            self.comm.statistics.report(log, per_layer=self.comm_config.stats)
         log.info("Optimization Done.")
 
     def step(self, iters):
@@ -175,17 +200,22 @@ class Solver:
         self.smoothed_loss = 0.0
         last_display_iter, last_display_time = self.iter, time.perf_counter()
         bar = progress_bar(total=p.max_iter or stop_iter, initial=self.iter)
+        deferred = self._deferred
+        if deferred is not None:
+            self.net.before_forward = deferred.before_forward
         try:
             while self.iter < stop_iter:
-                self.net.clear_param_diffs()
+                if deferred is None or not deferred.pending:
+                    # Deferred updates clear each layer's gradients right after updating it instead.
+                    self.net.clear_param_diffs()
                 if p.test_interval and self.iter % p.test_interval == 0 and (self.iter > 0 or p.test_initialization):
                     self.test_all()
                     if self.requested_early_exit:
                         break
                 display = p.display and self.iter % p.display == 0
                 loss = 0.0
-                for _ in range(p.iter_size):
-                    loss += self.net.forward_backward()
+                for k in range(p.iter_size):
+                    loss += self._forward_backward(last=k == p.iter_size - 1)
                 loss /= p.iter_size
                 self._update_smoothed_loss(loss, start_iter, p.average_loss)
                 if display:
@@ -193,7 +223,7 @@ class Solver:
                     lapse = now - last_display_time
                     per_s = (self.iter - last_display_iter) / lapse if lapse > 0 else 0.0
                     log.info(f"Iteration {self.iter} ({fmt(per_s)} iter/s, {fmt(lapse)}s/{p.display} iters), "
-                             f"loss = {fmt(self.smoothed_loss)}")
+                             f"loss = {fmt(self._mean_over_ranks(self.smoothed_loss))}")
                     last_display_iter, last_display_time = self.iter, now
                     self._log_outputs(self.net, "Train")
                 self.apply_update(display)
@@ -201,14 +231,39 @@ class Solver:
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{self.smoothed_loss:.4g}", refresh=False)
-                action = self._take_action()
+                action = self._agreed_action()
                 if (p.snapshot and self.iter % p.snapshot == 0) or action == StopRequest.SNAPSHOT:
                     self.snapshot()
                 if action == StopRequest.STOP:
                     self.requested_early_exit = True
                     break
+            self.finish_updates()
         finally:
+            self.net.before_forward = None
             close_progress_bar(bar)
+
+    def _forward_backward(self, last):
+        """One forward and backward; the last of an iteration starts each layer's gradient reduction."""
+        return self.net.forward_backward(on_layer_done=self.comm.on_layer_done if last else None)
+
+    def finish_updates(self):
+        """Applies updates still deferred into the next forward (before testing, snapshotting, returning)."""
+        if self._deferred is not None:
+            self._deferred.flush()
+
+    def _mean_over_ranks(self, value):
+        if self.dist.size == 1:
+            return value
+        return float(self.dist.sum_across_ranks([value], "mean of the loss")[0]) / self.dist.size
+
+    def _agreed_action(self):
+        """This rank's signal action, or, under MPI, the strongest any rank got (so all ranks agree)."""
+        action = self._take_action()
+        if self.dist.size == 1:
+            return action
+        votes = self.dist.sum_across_ranks([action == StopRequest.STOP, action == StopRequest.SNAPSHOT],
+                                           "agreement on stop/snapshot requests")
+        return StopRequest.STOP if votes[0] else StopRequest.SNAPSHOT if votes[1] else StopRequest.NONE
 
     def _update_smoothed_loss(self, loss, start_iter, average_loss):
         if len(self._losses) < average_loss:
@@ -223,8 +278,14 @@ class Solver:
     def _log_outputs(self, net, label):
         index = 0
         weights = {top.name: w for top, w in net.loss_terms}
+        means = {}
+        if self.dist.size > 1:
+            local = [net.blobs[name].data.ravel() for name in net.outputs]
+            total = self.dist.sum_across_ranks(np.concatenate(local) if local else [], "mean of the outputs")
+            for name, part in zip(net.outputs, np.split(total / self.dist.size, np.cumsum([v.size for v in local]))):
+                means[name] = part
         for name in net.outputs:
-            values = net.blobs[name].data.ravel()
+            values = means[name] if means else net.blobs[name].data.ravel()
             w = weights.get(name, 0.0)
             for value in values:
                 log.info(f"    {label} net output #{index}: {output_line(name, value, w)}")
@@ -232,6 +293,7 @@ class Solver:
 
     # -- testing -----------------------------------------------------------------------------------
     def test_all(self):
+        self.finish_updates()
         return [self.test(i) for i in range(len(self.test_nets))]
 
     def test(self, test_net_id=0):
@@ -239,10 +301,16 @@ class Solver:
         log.info(f"Iteration {self.iter}, Testing net (#{test_net_id})")
         net = self.test_nets[test_net_id]
         iterations = self.param.test_iter[test_net_id]
+        ranks = self.dist.size
+        # test_iter counts batches of one process; the ranks share them, each reading its own shard.
+        local_iterations = -(-iterations // ranks)
+        if local_iterations * ranks != iterations:
+            log.warning(f"test_iter {iterations} is not a multiple of the {ranks} ranks: testing "
+                        f"{local_iterations * ranks} batches")
         sums = {}
         loss = 0.0
-        for _ in range(iterations):
-            if self._take_action() == StopRequest.STOP:
+        for _ in range(local_iterations):
+            if ranks == 1 and self._take_action() == StopRequest.STOP:
                 self.requested_early_exit = True
                 log.info("Test interrupted.")
                 return None
@@ -250,6 +318,8 @@ class Solver:
             for name in net.outputs:
                 values = net.blobs[name].data.astype(np.float64).ravel()
                 sums[name] = sums.get(name, 0.0) + values
+        if ranks > 1:
+            loss, sums, iterations = self._summed_over_ranks(loss, sums, local_iterations)
         if self.param.test_compute_loss:
             log.info(f"Test loss: {fmt(loss / iterations)}")
         weights = {top.name: w for top, w in net.loss_terms}
@@ -264,21 +334,45 @@ class Solver:
             scores[name] = float(means[0]) if means.size == 1 else means
         return scores
 
+    def _summed_over_ranks(self, loss, sums, local_iterations):
+        """Test loss and output sums over every rank's shard, and the number of batches they cover."""
+        names = list(sums)
+        total = self.dist.sum_across_ranks(np.concatenate([[loss], *[sums[n] for n in names]]),
+                                           "reduction of the test outputs")
+        parts = np.split(total[1:], np.cumsum([sums[n].size for n in names])[:-1]) if names else []
+        return float(total[0]), dict(zip(names, parts)), local_iterations * self.dist.size
+
     # -- the update --------------------------------------------------------------------------------
     def learning_rate(self):
         return LR_POLICIES[self.param.lr_policy](self)
 
     def apply_update(self, display=False):
+        """Caffe's ApplyUpdate, one parameter at a time so that each waits only for its own reduction.
+
+        Clipping needs the norm of all reduced gradients, so it waits for all of them first; with
+        deferred updates (--comm_overlap=forward) the per-parameter part runs in the next forward.
+        """
         rate = self.learning_rate()
         if display:
             log.info(f"Iteration {self.iter}, lr = {fmt(rate)}")
-        self.clip_gradients()
-        for i, blob in enumerate(self.net.learnable_params):
-            self.normalize(blob)
-            self.regularize(i, blob)
-            self.compute_update_value(i, blob, rate)
-        for blob in self.net.learnable_params:
-            np.subtract(blob.data, blob.diff, out=blob.data)
+        self.comm.gradients_ready()
+        if self.param.clip_gradients >= 0:
+            self.comm.wait_all()
+            self.clip_gradients()
+        if self._deferred is not None:
+            self._deferred.defer(rate)
+            return
+        for i in range(len(self.net.learnable_params)):
+            self.comm.wait_param(i)
+            self._update_param(i, rate)
+
+    def _update_param(self, i, rate):
+        """Normalize, regularize, compute the update value, apply it: for parameter ``i`` alone."""
+        blob = self.net.learnable_params[i]
+        self.normalize(blob)
+        self.regularize(i, blob)
+        self.compute_update_value(i, blob, rate)
+        np.subtract(blob.data, blob.diff, out=blob.data)
 
     def clip_gradients(self):
         clip = self.param.clip_gradients
@@ -317,8 +411,12 @@ class Solver:
         return f"{self.param.snapshot_prefix}_iter_{self.iter}{extension}"
 
     def snapshot(self):
+        """Writes the weights and the solver state (rank 0 only; every rank holds the same)."""
         if not self.param.snapshot_prefix:
             raise MinicaffeError(f"{self._where()}: snapshot needs snapshot_prefix")
+        self.finish_updates()
+        if self.dist.rank != 0:
+            return None, None
         folder = os.path.dirname(self.param.snapshot_prefix)
         if folder:
             os.makedirs(folder, exist_ok=True)
@@ -367,6 +465,7 @@ class Solver:
         self.net.set_data_position(self.iter * self.param.iter_size)
 
     def close(self):
+        self.comm.close()
         for net in [self.net, *self.test_nets]:
             net.close()
 
