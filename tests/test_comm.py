@@ -184,5 +184,7 @@ def test_overlap_fraction_is_one_minus_exposed_over_in_flight(caplog):
     summary = stats.summary()
     assert summary["overlap"] == pytest.approx(1 - 0.003 / 0.020)
     assert summary["bytes_per_iter"] == 1400 and summary["float32_bytes_per_iter"] == 4400
+    a.exposed_s = 0.5  # more time spent than in flight (packing and waiting on a blocking run)
+    assert stats.summary()["overlap"] == 0.0
     stats.reset()
     assert stats.summary()["in_flight_s"] == 0 and stats.summary()["overlap"] == 0.0

@@ -105,8 +105,11 @@ class ParameterSet:
         return self.started_at is not None
 
     def start_gradient_comm(self):
+        # Packing and issuing a bucket (when this is its last member) hold up compute: they count as
+        # exposed communication, like the wait.
         self.started_at = time.perf_counter()
         self.bucket.member_started(self.session)
+        self.stats.exposed_s += time.perf_counter() - self.started_at
 
     def test_gradient_comm(self):
         """True once the reduced gradients are in the blobs' diffs."""
@@ -208,6 +211,7 @@ class Session:
         self._by_layer = {ps.layer_index: ps for ps in self.param_sets}
         self.buckets = _plan_buckets(self.param_sets, config.bucket_mb * 2**20, distribution, config.compress)
         self.in_flight = []
+        self._busy_since = None
         self._held = []
         self._issued_in_backward = 0
         self.progress_thread = None
@@ -246,6 +250,8 @@ class Session:
 
     def _issue(self, bucket):
         bucket.issue()
+        if not self.in_flight:
+            self._busy_since = bucket.issued_at
         self.in_flight.append(bucket)
         if self.progress_thread is not None:
             self.progress_thread.watch(bucket)
@@ -262,8 +268,10 @@ class Session:
         finished = [b for b in self.in_flight if b.transferred.is_set()]
         if finished:
             self.in_flight = [b for b in self.in_flight if not b.transferred.is_set()]
+            if not self.in_flight:
+                # Wall time with at least one collective in flight: buckets in flight together count once.
+                self.statistics.collectives_in_flight_s += max(b.transferred_at for b in finished) - self._busy_since
             for bucket in finished:
-                self.statistics.collectives_in_flight_s += bucket.transferred_at - bucket.issued_at
                 bucket.unpack()
 
     def wait_bucket(self, bucket):

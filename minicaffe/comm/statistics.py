@@ -2,8 +2,9 @@
 
 For each layer with gradients to reduce: the bytes handed to MPI per iteration, the time its gradients
 were in flight (from the issue of its bucket's collective until that was seen complete) and the time the
-solver actually waited for them (exposed communication). The overlap fraction is
-1 - exposed / in flight: the share of communication that backprop (or the next forward) hid.
+solver actually spent on them (exposed communication: packing and issuing the collective, and waiting
+for it). The overlap fraction is 1 - exposed / in flight, at least 0: the share of communication that
+backprop (or the next forward) hid.
 """
 import dataclasses
 
@@ -25,7 +26,8 @@ class Statistics:
 
     def __init__(self):
         self.layers = {}
-        # Per bucket, not per layer: layers fused in one bucket share one collective.
+        # Wall time with any collective in flight: layers fused in one bucket share one collective, and
+        # buckets in flight at the same time count once.
         self.collectives_in_flight_s = 0.0
 
     def layer(self, name):
@@ -71,4 +73,4 @@ class Statistics:
 
 
 def overlap_fraction(exposed, in_flight):
-    return 1.0 - exposed / in_flight if in_flight > 0 else 0.0
+    return max(0.0, 1.0 - exposed / in_flight) if in_flight > 0 else 0.0
