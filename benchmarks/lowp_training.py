@@ -23,25 +23,18 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 from minicaffe import prototxt  # noqa: E402
 from minicaffe.net import TRAIN, Net  # noqa: E402
 from minicaffe.precision import set_net_precision  # noqa: E402
 from minicaffe.threads import blas_single_threaded, set_num_threads  # noqa: E402
+from throughput import train_val_path  # noqa: E402
 
 DEFAULT_NETS = "lenet,cifar10_quick,alexnet,resnet50"
 # Timed iterations per arm and round unless --iterations says otherwise.
 DEFAULT_ITERATIONS = {"lenet": 10, "cifar10_quick": 4, "alexnet": 2, "resnet50": 1}
 ARMS = ("FP32", "DFP16", "BF16")
-
-
-def train_val_path(name):
-    folder = REPO / "prototxt" / name
-    for suffix in ("train_val", "train_test"):
-        path = folder / f"{name}_{suffix}.prototxt"
-        if path.exists():
-            return path
-    raise SystemExit(f"{folder} has no {name}_train_val.prototxt or {name}_train_test.prototxt")
 
 
 def training_step(net):

@@ -1,4 +1,5 @@
-"""Shared fixtures: small synthetic IDX datasets, the repository paths, and running the tools."""
+"""Shared fixtures: small synthetic IDX datasets, the repository paths, running the tools, and the
+kernels' thread count."""
 import gzip
 import os
 import struct
@@ -28,6 +29,15 @@ def tiny_idx(tmp_path):
     write_idx(tmp_path / "tiny-images-idx3-ubyte.gz", images, 0x803)
     write_idx(tmp_path / "tiny-labels-idx1-ubyte.gz", labels, 0x801)
     return tmp_path / "tiny-images-idx3-ubyte.gz"
+
+
+@pytest.fixture
+def threads():
+    """Sets the kernels' thread count for one test and restores it afterwards."""
+    from minicaffe.kernels import parallel  # here, so that the conftest loads without built kernels
+    saved = parallel.num_threads()
+    yield parallel.set_num_threads
+    parallel.set_num_threads(saved)
 
 
 def run_tool(tool, *args, cwd=None, timeout=300):

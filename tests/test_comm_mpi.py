@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from minicaffe.proto import minicaffe_pb2 as pb
+from test_solver import TINY_BODY
 
 REPO = Path(__file__).resolve().parents[1]
 MPI_DIR = REPO / "tests" / "mpi"
@@ -59,12 +60,7 @@ name: "tiny"
 layer {{ name: "d" type: "Data" top: "data" top: "label" include {{ phase: TRAIN }} {data.format(source, train_batch)} }}
 layer {{ name: "d" type: "Data" top: "data" top: "label" include {{ phase: TEST }} {data.format(source, test_batch)} }}
 {extra_layer}
-layer {{ name: "conv" type: "Convolution" bottom: "data" top: "conv"
-        convolution_param {{ num_output: 3 kernel_size: 3 weight_filler {{ type: "xavier" }} }} }}
-layer {{ name: "pool" type: "Pooling" bottom: "conv" top: "pool" pooling_param {{ pool: MAX kernel_size: 2 stride: 2 }} }}
-layer {{ name: "relu" type: "ReLU" bottom: "pool" top: "pool" }}
-layer {{ name: "ip" type: "InnerProduct" bottom: "pool" top: "ip"
-        inner_product_param {{ num_output: 4 weight_filler {{ type: "xavier" }} }} }}
+{TINY_BODY}
 layer {{ name: "acc" type: "Accuracy" bottom: "ip" bottom: "label" top: "accuracy" include {{ phase: TEST }} }}
 layer {{ name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }}
 """

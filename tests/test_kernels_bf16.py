@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from minicaffe.kernels import bf16, parallel
+from minicaffe.kernels import bf16
 
 LOW_HALVES = [0x0000, 0x0001, 0x7FFF, 0x8000, 0x8001, 0xC000, 0xFFFF]
 
@@ -16,13 +16,6 @@ def variant(request):
     bf16.set_variant(request.param)
     yield request.param
     bf16.set_variant(saved)
-
-
-@pytest.fixture
-def threads():
-    saved = parallel.num_threads()
-    yield parallel.set_num_threads
-    parallel.set_num_threads(saved)
 
 
 # -- NumPy references --------------------------------------------------------------------------------

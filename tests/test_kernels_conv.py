@@ -12,14 +12,6 @@ def single_threaded_blas():
         yield
 
 
-@pytest.fixture
-def threads():
-    """Sets the kernels' thread count for one test and restores it afterwards."""
-    saved = parallel.num_threads()
-    yield parallel.set_num_threads
-    parallel.set_num_threads(saved)
-
-
 # -- NumPy references --------------------------------------------------------------------------------
 
 def out_size(size, kernel, pad, stride, dilation):

@@ -9,18 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from minicaffe.kernels import dfp16, parallel
+from minicaffe.kernels import dfp16
 
 Q_MAX = 32767
 TINY = np.float32(2.0 ** -149)  # the smallest FP32 denormal
-
-
-@pytest.fixture
-def threads():
-    """Sets the kernels' thread count for one test and restores it afterwards."""
-    saved = parallel.num_threads()
-    yield parallel.set_num_threads
-    parallel.set_num_threads(saved)
 
 
 # -- NumPy reference ---------------------------------------------------------------------------------

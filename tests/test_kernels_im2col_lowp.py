@@ -3,7 +3,8 @@ against the float32 im2col on the same values."""
 import numpy as np
 import pytest
 
-from minicaffe.kernels import im2col, parallel
+from minicaffe.kernels import im2col
+from test_kernels_conv import im2col_ref
 
 # (channels, height, width, kernel, pad, stride, dilation): small and odd images, rows narrower
 # and wider than one 32-lane vector, padding wider than the kernel's reach, strides and dilations
@@ -18,32 +19,6 @@ GEOMETRIES = [
     (5, 5, 5, (2, 2), (1, 0), (3, 2), (2, 1)),
     (1, 4, 96, (1, 3), (0, 1), (1, 1), (1, 3)),
 ]
-
-
-@pytest.fixture
-def threads():
-    saved = parallel.num_threads()
-    yield parallel.set_num_threads
-    parallel.set_num_threads(saved)
-
-
-def out_size(size, kernel, pad, stride, dilation):
-    return (size + 2 * pad - (dilation * (kernel - 1) + 1)) // stride + 1
-
-
-def im2col_reference(x, kernel, pad, stride, dilation):
-    c, h, w = x.shape
-    oh = out_size(h, kernel[0], pad[0], stride[0], dilation[0])
-    ow = out_size(w, kernel[1], pad[1], stride[1], dilation[1])
-    padded = np.pad(x, ((0, 0), (pad[0], pad[0]), (pad[1], pad[1])))
-    col = np.empty((c, kernel[0], kernel[1], oh, ow), x.dtype)
-    for i in range(kernel[0]):
-        for j in range(kernel[1]):
-            r, s = i * dilation[0], j * dilation[1]
-            rows = slice(r, r + stride[0] * (oh - 1) + 1, stride[0])
-            cols = slice(s, s + stride[1] * (ow - 1) + 1, stride[1])
-            col[:, i, j] = padded[:, rows, cols]
-    return col.reshape(c * kernel[0] * kernel[1], oh * ow)
 
 
 def run_im2col(x, kernel, pad, stride, dilation, col):
@@ -63,7 +38,7 @@ def test_sixteen_bit_im2col(dtype, geometry, threads):
     c, h, w, kernel, pad, stride, dilation = geometry
     rng = np.random.default_rng(c * h * w)
     x = random_values((c, h, w), dtype, rng)
-    expected = im2col_reference(x, kernel, pad, stride, dilation)
+    expected = im2col_ref(x, kernel, pad, stride, dilation)
     rows, cols = expected.shape
     # the columns sit inside a larger buffer whose trailing rows must stay untouched
     sentinel = np.iinfo(dtype).max

@@ -139,17 +139,21 @@ def test_average_loss_smooths_the_displayed_loss():
     assert solver.smoothed_loss == pytest.approx(np.mean(losses[-3:]), rel=1e-6)
 
 
+# The trainable body of the tiny nets here and in test_comm_mpi.py: conv -> pool -> ReLU -> "ip" (4 classes).
+TINY_BODY = """layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+        convolution_param { num_output: 3 kernel_size: 3 weight_filler { type: "xavier" } } }
+layer { name: "pool" type: "Pooling" bottom: "conv" top: "pool" pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
+layer { name: "relu" type: "ReLU" bottom: "pool" top: "pool" }
+layer { name: "ip" type: "InnerProduct" bottom: "pool" top: "ip"
+        inner_product_param { num_output: 4 weight_filler { type: "xavier" } } }"""
+
+
 def tiny_net(source):
     return f"""
 name: "tiny"
 layer {{ name: "d" type: "Data" top: "data" top: "label" transform_param {{ scale: 0.0039 }}
         data_param {{ source: "{source}" batch_size: 8 backend: IDX shuffle: true }} }}
-layer {{ name: "conv" type: "Convolution" bottom: "data" top: "conv"
-        convolution_param {{ num_output: 3 kernel_size: 3 weight_filler {{ type: "xavier" }} }} }}
-layer {{ name: "pool" type: "Pooling" bottom: "conv" top: "pool" pooling_param {{ pool: MAX kernel_size: 2 stride: 2 }} }}
-layer {{ name: "relu" type: "ReLU" bottom: "pool" top: "pool" }}
-layer {{ name: "ip" type: "InnerProduct" bottom: "pool" top: "ip"
-        inner_product_param {{ num_output: 4 weight_filler {{ type: "xavier" }} }} }}
+{TINY_BODY}
 layer {{ name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }}
 """
 

@@ -160,20 +160,21 @@ cdef inline void lower(const Plan* p, const floating* image, floating* col, int 
 
 
 cdef void forward_columns(const Plan* p, const floating* col, const floating* w, const floating* bias,
-                          floating* y, int j_begin, int j_end) noexcept nogil:
-    """y[:, j_begin:j_end] = W_g @ col_g[:, j_begin:j_end] (+ bias) for every group g."""
-    cdef int g, row, j, mg = p.out_per_group, kg = p.k_per_group, s = p.spatial
+                          floating* y, long ld, int j_begin, int j_end) noexcept nogil:
+    """y[:, j_begin:j_end] = W_g @ col_g[:, j_begin:j_end] (+ bias) for every group g; col and y have
+    row stride ld."""
+    cdef int g, row, j, mg = p.out_per_group, kg = p.k_per_group
     cdef floating b
     cdef floating* y_row
     if j_end <= j_begin:
         return
     for g in range(p.group):
         gemm(False, False, mg, j_end - j_begin, kg, <floating>1, w + <long>g * mg * kg, kg,
-             col + <long>g * kg * s + j_begin, s, <floating>0, y + <long>g * mg * s + j_begin, s)
+             col + <long>g * kg * ld + j_begin, ld, <floating>0, y + <long>g * mg * ld + j_begin, ld)
     if bias != NULL:
         for row in range(p.out_channels):
             b = bias[row]
-            y_row = y + <long>row * s
+            y_row = y + <long>row * ld
             for j in range(j_begin, j_end):
                 y_row[j] += b
 
@@ -197,32 +198,34 @@ cdef inline void add_row_sums(const floating* rows, int n_rows, int n_cols, floa
         out[r] += ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
 
 
-cdef void weight_grad_rows(const Plan* p, const floating* col, const floating* dy, floating* dw_t,
-                           int r_begin, int r_end) noexcept nogil:
-    """Rows [r_begin, r_end) of dW^T (all groups stacked, [group * kg, mg]) += col_g @ dy_g^T.
+cdef void weight_grad_rows(const Plan* p, const floating* col, const floating* dy, int columns, long ld,
+                           floating* dw_t, int r_begin, int r_end) noexcept nogil:
+    """Rows [r_begin, r_end) of dW^T (all groups stacked, [group * kg, mg]) += col_g @ dy_g^T over the
+    first ``columns`` columns of col and dy (row stride ld).
 
     dW^T rather than dW: BLAS runs this shape (a long inner dimension, a small output) markedly
     faster as col @ dy^T than as dy @ col^T.
     """
-    cdef int g, first, last, mg = p.out_per_group, kg = p.k_per_group, s = p.spatial
+    cdef int g, first, last, mg = p.out_per_group, kg = p.k_per_group
     if r_end <= r_begin:
         return
     for g in range(r_begin // kg, (r_end - 1) // kg + 1):
         first = max(r_begin, g * kg)
         last = min(r_end, (g + 1) * kg)
-        gemm(False, True, last - first, mg, s, <floating>1, col + <long>first * s, s,
-             dy + <long>g * mg * s, s, <floating>1, dw_t + <long>first * mg, mg)
+        gemm(False, True, last - first, mg, columns, <floating>1, col + <long>first * ld, ld,
+             dy + <long>g * mg * ld, ld, <floating>1, dw_t + <long>first * mg, mg)
 
 
 cdef void input_grad_columns(const Plan* p, const floating* w, const floating* dy, floating* col,
-                             int j_begin, int j_end) noexcept nogil:
-    """col_g[:, j_begin:j_end] = W_g^T @ dy_g[:, j_begin:j_end] for every group g."""
-    cdef int g, mg = p.out_per_group, kg = p.k_per_group, s = p.spatial
+                             long ld, int j_begin, int j_end) noexcept nogil:
+    """col_g[:, j_begin:j_end] = W_g^T @ dy_g[:, j_begin:j_end] for every group g; dy and col have
+    row stride ld."""
+    cdef int g, mg = p.out_per_group, kg = p.k_per_group
     if j_end <= j_begin:
         return
     for g in range(p.group):
         gemm(True, False, kg, j_end - j_begin, mg, <floating>1, w + <long>g * mg * kg, kg,
-             dy + <long>g * mg * s + j_begin, s, <floating>0, col + <long>g * kg * s + j_begin, s)
+             dy + <long>g * mg * ld + j_begin, ld, <floating>0, col + <long>g * kg * ld + j_begin, ld)
 
 
 cdef inline void raise_to_image(const Plan* p, const floating* col, floating* image, int c_begin,
@@ -317,7 +320,9 @@ cdef inline void input_row_transform(floating* p, int length, int count, floatin
             o1[j] = s[2 * j + 1] - s[2 * j + 3]
 
 
-cdef inline void next_tile_row(const TileGrid* g, long tile, int* n, int* ty, int* tx) noexcept nogil:
+cdef inline void tile_position(const TileGrid* g, long tile, int* n, int* ty, int* tx) noexcept nogil:
+    """Image n, tile row ty and tile column tx of tile number ``tile``; the channel loops below walk
+    the tiles a run (to the end of a tile row) at a time."""
     cdef long within = tile % g.tiles_per_image
     n[0] = <int>(tile // g.tiles_per_image)
     ty[0] = <int>(within // g.tiles_w)
@@ -330,19 +335,14 @@ cdef void input_channel(const TileGrid* g, const floating* x, int c, long t0, in
     cdef long k_stride = <long>g.channels * ld, tile = t0, end = t0 + count
     cdef floating* out = v + <long>c * ld
     cdef int n, ty, tx, run
-    next_tile_row(g, tile, &n, &ty, &tx)
     while tile < end:
+        tile_position(g, tile, &n, &ty, &tx)
         run = <int>min(<long>(g.tiles_w - tx), end - tile)
         padded_rows(x + (<long>n * g.channels + c) * g.height * g.width, g.height, g.width,
                     2 * ty - g.pad_h, 2 * tx - g.pad_w, 4, 2 * run + 2, scratch)
         input_row_transform(scratch, 2 * run + 2, run, out, k_stride)
         out += run
         tile += run
-        tx = 0
-        ty += 1
-        if ty == g.tiles_h:
-            ty = 0
-            n += 1
 
 
 cdef void output_channel(const TileGrid* g, const floating* mo, int m, long t0, int count, long ld,
@@ -361,8 +361,8 @@ cdef void output_channel(const TileGrid* g, const floating* mo, int m, long t0, 
     cdef floating* t
     cdef floating* row
     cdef int n, ty, tx, run, j, a, b, oh, width
-    next_tile_row(g, tile, &n, &ty, &tx)
     while tile < end:
+        tile_position(g, tile, &n, &ty, &tx)
         run = <int>min(<long>(g.tiles_w - tx), end - tile)
         for b in range(4):
             s0, s1 = src + b * k_stride, src + (4 + b) * k_stride
@@ -387,11 +387,6 @@ cdef void output_channel(const TileGrid* g, const floating* mo, int m, long t0, 
             memcpy(plane + <long>oh * g.out_w + 2 * tx, row, width * sizeof(floating))
         src += run
         tile += run
-        tx = 0
-        ty += 1
-        if ty == g.tiles_h:
-            ty = 0
-            n += 1
 
 
 cdef void output_grad_channel(const TileGrid* g, const floating* dy, int m, long t0, int count,
@@ -406,8 +401,8 @@ cdef void output_grad_channel(const TileGrid* g, const floating* dy, int m, long
     cdef floating* o1
     cdef floating v0, v1
     cdef int n, ty, tx, run, i, j, a, length
-    next_tile_row(g, tile, &n, &ty, &tx)
     while tile < end:
+        tile_position(g, tile, &n, &ty, &tx)
         run = <int>min(<long>(g.tiles_w - tx), end - tile)
         length = 2 * run
         padded_rows(dy + (<long>n * g.out_channels + m) * g.out_h * g.out_w, g.out_h, g.out_w,
@@ -432,11 +427,6 @@ cdef void output_grad_channel(const TileGrid* g, const floating* dy, int m, long
                 o1[j] = -t[2 * j + 1]
         out += run
         tile += run
-        tx = 0
-        ty += 1
-        if ty == g.tiles_h:
-            ty = 0
-            n += 1
 
 
 cdef void filter_row(const floating* w, int m, int in_channels, int out_channels, bint rotate,
@@ -593,39 +583,28 @@ cdef void wide_lower(const Plan* p, const floating* x, int first, int count, flo
 
 cdef void wide_forward(const Plan* p, const floating* x, const floating* w, const floating* bias,
                        floating* y, floating* workspace) noexcept nogil:
-    cdef int first, count, t, g, i, row, j, threads = p.threads, s = p.spatial
-    cdef int mg = p.out_per_group, kg = p.k_per_group, j0, j1
+    cdef int first, count, t, i, threads = p.threads, s = p.spatial
     cdef long ld = <long>p.wide_chunk * s, y_image = <long>p.out_channels * s
     cdef floating* wide = workspace
-    cdef floating* out = wide + ld * p.group * kg
+    cdef floating* out = wide + ld * p.group * p.k_per_group
     cdef floating* staging = out + ld * p.out_channels
-    cdef floating b
     first = 0
     while first < p.batch:
         count = min(p.wide_chunk, p.batch - first)
         wide_lower(p, x, first, count, wide, ld, staging)
         for t in prange(threads, num_threads=threads, schedule='static', chunksize=1):
-            j0 = block_begin(count * s, threads, t)
-            j1 = block_begin(count * s, threads, t + 1)
-            if j1 > j0:
-                for g in range(p.group):
-                    gemm(False, False, mg, j1 - j0, kg, <floating>1, w + <long>g * mg * kg, kg,
-                         wide + <long>g * kg * ld + j0, ld, <floating>0, out + <long>g * mg * ld + j0, ld)
+            forward_columns(p, wide, w, bias, out, ld, block_begin(count * s, threads, t),
+                            block_begin(count * s, threads, t + 1))
         for i in prange(count, num_threads=team_size(count, threads), schedule='static'):
             copy_rows(out + <long>i * s, ld, y + (first + i) * y_image, s, p.out_channels, s)
-            if bias != NULL:
-                for row in range(p.out_channels):
-                    b = bias[row]
-                    for j in range(s):
-                        y[(first + i) * y_image + <long>row * s + j] += b
         first += count
 
 
 cdef void wide_backward(const Plan* p, const floating* x, const floating* w, const floating* dy,
                         floating* dx, floating* dw_t, floating* db, floating* workspace) noexcept nogil:
     """dx (overwritten), dW^T (+= into dw_t, [group * kg, mg]) and db (+=) for the whole batch."""
-    cdef int first, count, t, g, i, row, r0, r1, j0, j1, threads = p.threads, s = p.spatial
-    cdef int mg = p.out_per_group, kg = p.k_per_group, dw_rows = p.group * kg, last
+    cdef int first, count, t, i, row, threads = p.threads, s = p.spatial
+    cdef int dw_rows = p.group * p.k_per_group
     cdef long ld = <long>p.wide_chunk * s, x_image = <long>p.geom.channels * p.geom.height * p.geom.width
     cdef long y_image = <long>p.out_channels * s
     cdef floating* wide = workspace
@@ -644,22 +623,12 @@ cdef void wide_backward(const Plan* p, const floating* x, const floating* w, con
         if dw_t != NULL:
             wide_lower(p, x, first, count, wide, ld, staging)
             for t in prange(threads, num_threads=threads, schedule='static', chunksize=1):
-                r0 = block_begin(dw_rows, threads, t)
-                r1 = block_begin(dw_rows, threads, t + 1)
-                if r1 > r0:
-                    for g in range(r0 // kg, (r1 - 1) // kg + 1):
-                        j0 = max(r0, g * kg)
-                        last = min(r1, (g + 1) * kg)
-                        gemm(False, True, last - j0, mg, count * s, <floating>1, wide + <long>j0 * ld, ld,
-                             grads + <long>g * mg * ld, ld, <floating>1, dw_t + <long>j0 * mg, mg)
+                weight_grad_rows(p, wide, grads, count * s, ld, dw_t, block_begin(dw_rows, threads, t),
+                                 block_begin(dw_rows, threads, t + 1))
         if dx != NULL:
             for t in prange(threads, num_threads=threads, schedule='static', chunksize=1):
-                j0 = block_begin(count * s, threads, t)
-                j1 = block_begin(count * s, threads, t + 1)
-                if j1 > j0:
-                    for g in range(p.group):
-                        gemm(True, False, kg, j1 - j0, mg, <floating>1, w + <long>g * mg * kg, kg,
-                             grads + <long>g * mg * ld + j0, ld, <floating>0, wide + <long>g * kg * ld + j0, ld)
+                input_grad_columns(p, w, grads, wide, ld, block_begin(count * s, threads, t),
+                                   block_begin(count * s, threads, t + 1))
             for i in prange(count, num_threads=team_size(count, threads), schedule='static'):
                 if p.pointwise:
                     copy_rows(wide + <long>i * s, ld, dx + (first + i) * x_image, s, dw_rows, s)
@@ -694,7 +663,7 @@ cdef void forward_impl(const Plan* p, const floating* x, const floating* w, cons
                 source = x + n * x_image
                 lower(p, source, col, 0, p.geom.channels)
                 forward_columns(p, <const floating*>col if not p.pointwise else source, w, bias,
-                                y + n * y_image, 0, p.spatial)
+                                y + n * y_image, p.spatial, 0, p.spatial)
     col = workspace
     for n in range(split_from, p.batch):
         source = x + n * x_image
@@ -703,7 +672,7 @@ cdef void forward_impl(const Plan* p, const floating* x, const floating* w, cons
                 lower(p, source, col, c, c + 1)
         for t in prange(threads, num_threads=threads, schedule='static', chunksize=1):
             forward_columns(p, <const floating*>col if not p.pointwise else source, w, bias,
-                            y + n * y_image, block_begin(p.spatial, threads, t),
+                            y + n * y_image, p.spatial, block_begin(p.spatial, threads, t),
                             block_begin(p.spatial, threads, t + 1))
 
 
@@ -766,11 +735,11 @@ cdef void backward_impl(const Plan* p, const floating* x, const floating* w, con
                 dx_col = dx + n * x_image if p.pointwise else col
                 if dw != NULL:
                     lower(p, x + n * x_image, col, 0, p.geom.channels)
-                    weight_grad_rows(p, x_col, dy + n * y_image, dw_part, 0, dw_rows)
+                    weight_grad_rows(p, x_col, dy + n * y_image, p.spatial, p.spatial, dw_part, 0, dw_rows)
                 if db != NULL:
                     add_row_sums(dy + n * y_image, m, p.spatial, db_part)
                 if dx != NULL:
-                    input_grad_columns(p, w, dy + n * y_image, dx_col, 0, p.spatial)
+                    input_grad_columns(p, w, dy + n * y_image, dx_col, p.spatial, 0, p.spatial)
                     raise_to_image(p, col, dx + n * x_image, 0, p.geom.channels)
     # Images left over after an even split go one at a time, each split across all threads,
     # adding into the first buffer set.
@@ -784,7 +753,7 @@ cdef void backward_impl(const Plan* p, const floating* x, const floating* w, con
         if dw != NULL or db != NULL:
             for t in prange(threads, num_threads=threads, schedule='static', chunksize=1):
                 if dw != NULL:
-                    weight_grad_rows(p, x_col, dy + n * y_image, dw_parts,
+                    weight_grad_rows(p, x_col, dy + n * y_image, p.spatial, p.spatial, dw_parts,
                                      block_begin(dw_rows, threads, t), block_begin(dw_rows, threads, t + 1))
                 if db != NULL:
                     add_row_sums(dy + n * y_image + <long>block_begin(m, threads, t) * p.spatial,
@@ -792,8 +761,8 @@ cdef void backward_impl(const Plan* p, const floating* x, const floating* w, con
                                  p.spatial, db_parts + block_begin(m, threads, t))
         if dx != NULL:
             for t in prange(threads, num_threads=threads, schedule='static', chunksize=1):
-                input_grad_columns(p, w, dy + n * y_image, dx_col, block_begin(p.spatial, threads, t),
-                                   block_begin(p.spatial, threads, t + 1))
+                input_grad_columns(p, w, dy + n * y_image, dx_col, p.spatial,
+                                   block_begin(p.spatial, threads, t), block_begin(p.spatial, threads, t + 1))
             if not p.pointwise:
                 for c in prange(p.geom.channels, num_threads=threads, schedule='static'):
                     raise_to_image(p, col, dx + n * x_image, c, c + 1)

@@ -277,12 +277,18 @@ cdef QuantCounts combine(QuantCounts* parts, Py_ssize_t count) noexcept nogil:
     return total
 
 
-cdef QuantCounts parallel_scan(const float[::1] x) except *:
-    cdef Py_ssize_t n = x.shape[0], blocks = (n + BLOCK - 1) // BLOCK, b
-    cdef int threads = num_threads()
+cdef QuantCounts* new_parts(Py_ssize_t blocks) except NULL:
+    """Room for one block's counts per block; at least one, as malloc(0) may return NULL."""
     cdef QuantCounts* parts = <QuantCounts*>malloc(max(blocks, 1) * sizeof(QuantCounts))
     if parts == NULL:
         raise MemoryError()
+    return parts
+
+
+cdef QuantCounts parallel_scan(const float[::1] x) except *:
+    cdef Py_ssize_t n = x.shape[0], blocks = (n + BLOCK - 1) // BLOCK, b
+    cdef int threads = num_threads()
+    cdef QuantCounts* parts = new_parts(blocks)
     try:
         with nogil:
             for b in prange(blocks, schedule="static", num_threads=team_size(blocks, threads)):
@@ -296,9 +302,7 @@ cdef QuantCounts parallel_quantize(const float[::1] x, int exponent, bint stocha
                                    int16_t[::1] q) except *:
     cdef Py_ssize_t n = x.shape[0], blocks = (n + BLOCK - 1) // BLOCK, b, start
     cdef int threads = num_threads()
-    cdef QuantCounts* parts = <QuantCounts*>malloc(max(blocks, 1) * sizeof(QuantCounts))
-    if parts == NULL:
-        raise MemoryError()
+    cdef QuantCounts* parts = new_parts(blocks)
     try:
         with nogil:
             for b in prange(blocks, schedule="static", num_threads=team_size(blocks, threads)):
