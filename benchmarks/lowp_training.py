@@ -1,8 +1,8 @@
 """End-to-end training throughput in DFP16 and BF16 against FP32, as ratios measured in one run.
 
 For each net (prototxt/<net>/<net>_train_val or _train_test, TRAIN phase, the file's batch) and each
-thread count, one net is built and switched between FP32, DFP16 and BF16 (the net-level precision:
-the first Convolution and the last InnerProduct stay FP32, as in training). The arms are timed
+thread count, one net is built per arm, FP32, DFP16 and BF16, as `tools/train --precision=` builds it
+(the first Convolution and the last InnerProduct stay FP32). The arms are timed
 interleaved: each round runs every arm once (a warm-up iteration, then ``--iterations`` timed ones),
 for ``--rounds`` rounds. A training iteration is forward, backward and a plain SGD step on the FP32
 master weights (the same in every arm). Reported: median images/s per arm and the ratios to FP32.
@@ -25,9 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from minicaffe import prototxt  # noqa: E402
 from minicaffe.net import TRAIN, Net  # noqa: E402
-from minicaffe.precision import set_net_precision  # noqa: E402
 from minicaffe.threads import blas_single_threaded, set_num_threads  # noqa: E402
 from throughput import train_val_path  # noqa: E402
 
@@ -73,10 +71,9 @@ def main(argv=None):
     results = []
     for name in [n for n in args.nets.split(",") if n]:
         path = train_val_path(name)
-        net_param = prototxt.read_net(str(path)).param
-        net = Net(str(path), phase=TRAIN)
+        nets = {arm: Net(str(path), phase=TRAIN, precision=arm) for arm in ARMS}
         iterations = args.iterations or DEFAULT_ITERATIONS.get(name, 2)
-        batch = net.batch_size()
+        batch = nets["FP32"].batch_size()
         try:
             for threads in [int(t) for t in args.threads.split(",") if t]:
                 set_num_threads(threads)
@@ -84,8 +81,7 @@ def main(argv=None):
                 with blas_single_threaded():
                     for _ in range(args.rounds):
                         for arm in ARMS:
-                            set_net_precision(net, net_param, arm)
-                            samples[arm] += time_arm(net, iterations)
+                            samples[arm] += time_arm(nets[arm], iterations)
                 rates = {arm: batch / statistics.median(s) for arm, s in samples.items()}
                 row = {"net": name, "batch": batch, "threads": threads, "samples": len(samples["FP32"]),
                        "images_per_s": rates, "dfp16_over_fp32": rates["DFP16"] / rates["FP32"],
@@ -94,7 +90,8 @@ def main(argv=None):
                 print(f"{name:<14} {batch:>5} {threads:>3} " + " ".join(f"{rates[a]:>12.1f}" for a in ARMS) +
                       f" {row['dfp16_over_fp32']:>10.2f} {row['bf16_over_fp32']:>10.2f}", flush=True)
         finally:
-            net.close()
+            for each in nets.values():
+                each.close()
     print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print("(medians over interleaved rounds; a training iteration = forward + backward + SGD step)")
     if args.json:
