@@ -129,7 +129,7 @@ cdef int forward_impl(const Plan* p, const lowp_t* x, const lowp_t* w, const flo
     cdef long y_image = <long>p.out_channels * p.spatial
     cdef int mg = p.out_per_group, kg = p.k_per_group, s = p.spatial
     cdef int n, t, g, row, j, failures = 0
-    cdef long long found
+    cdef long long found, counted = 0
     cdef const lowp_t* col
     cdef float* y_n
     cdef float b
@@ -146,7 +146,8 @@ cdef int forward_impl(const Plan* p, const lowp_t* x, const lowp_t* w, const flo
                 b = bias[row]
                 for j in range(s):
                     y_n[<long>row * s + j] += b
-        events[0] += found
+        counted += found  # a prange reduction: the workers must not add into *events concurrently
+    events[0] += counted
     return failures
 
 
@@ -182,7 +183,7 @@ cdef int backward_impl(const Plan* p, const lowp_t* x, const lowp_t* w, const lo
     cdef int mg = p.out_per_group, kg = p.k_per_group, s = p.spatial
     cdef int n, t, g, failures = 0
     cdef long i, first, last
-    cdef long long found
+    cdef long long found, counted = 0
     cdef uint8_t* dcol_area = workspace + p.workers * p.col_bytes
     cdef uint8_t* dw_area = dcol_area + p.workers * p.dcol_bytes
     cdef const lowp_t* col
@@ -212,7 +213,8 @@ cdef int backward_impl(const Plan* p, const lowp_t* x, const lowp_t* w, const lo
                                    &found) != 0
             if not p.pointwise:
                 col2im_channels(<const float*>dcol, &p.geom, 0, p.geom.channels, dx + n * x_image)
-        events[0] += found
+        counted += found  # a prange reduction, as in forward_impl
+    events[0] += counted
     if dw != NULL:
         # dw += the workers' partial sums, in worker order (deterministic), rows split over threads.
         for t in prange(p.workers, num_threads=p.workers, schedule='static', chunksize=1):
