@@ -267,7 +267,9 @@ class Session:
             self.progress_thread.check()
         finished = [b for b in self.in_flight if b.transferred.is_set()]
         if finished:
-            self.in_flight = [b for b in self.in_flight if not b.transferred.is_set()]
+            # Not a second is_set() test: the progress thread may mark a bucket between the two, which
+            # would then leave in_flight without being unpacked.
+            self.in_flight = [b for b in self.in_flight if b not in finished]
             if not self.in_flight:
                 # Wall time with at least one collective in flight: buckets in flight together count once.
                 self.statistics.collectives_in_flight_s += max(b.transferred_at for b in finished) - self._busy_since

@@ -88,6 +88,9 @@ class Solver:
         self.history = [np.zeros(p.shape, dtype=np.float32) for p in self.net.learnable_params]
         if self.dist.size > 1:
             setup_data_parallel([self.net, *self.test_nets], self.dist)
+            # Ranks must start from the same weights even when no random_seed makes their fills equal
+            # and the caller steps without solve(); solve() broadcasts again after restore or finetune.
+            broadcast_weights(self.net, self.dist)
         self.comm = create_session(self.net, self.dist, self.comm_config, self.env)
         self._deferred = (DeferredUpdates(self.comm, self.net, self._update_param)
                           if self.comm.defers_updates else None)
@@ -362,7 +365,8 @@ class Solver:
         if self._deferred is not None:
             self._deferred.defer(rate)
             return
-        for i in range(len(self.net.learnable_params)):
+        # Output side first: those reductions were issued first in backward, so they finish first.
+        for i in reversed(range(len(self.net.learnable_params))):
             self.comm.wait_param(i)
             self._update_param(i, rate)
 
