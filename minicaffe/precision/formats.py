@@ -42,18 +42,23 @@ class Dfp16Format:
         self.stochastic = setting.options.stochastic_rounding
         self.debug_overflow = setting.options.debug_overflow
         self.stats = stats
-        self._seed = rng.derive_seed() if self.stochastic else 0
+        # Drawn at the first encode, not here: a layer may be given its precision twice (by itself, then
+        # by the net), and only the driver that runs should consume the framework's random stream.
+        self._seed = None
         self._draws = 0
         from ..kernels import dfp16, lowp_gemm
         self.quantize, self.non_finite, self.gemm_s16 = dfp16.quantize, dfp16.NonFiniteError, lowp_gemm.gemm_s16
 
     def encode(self, x, out, role, what):
         """Quantizes ``x`` into ``out`` (int16, same shape); returns the shared exponent."""
+        seed = 0
         if self.stochastic:
+            if self._seed is None:
+                self._seed = rng.derive_seed()
             self._draws += 1
+            seed = (self._seed + self._draws) % 2**63
         try:
-            result = self.quantize(x, out, headroom=self.headroom, stochastic=self.stochastic,
-                                    seed=(self._seed + self._draws) % 2**63)
+            result = self.quantize(x, out, headroom=self.headroom, stochastic=self.stochastic, seed=seed)
         except self.non_finite:
             raise NumericalError(f"layer '{self.layer.name}' ({self.layer.type_name}): {what} holds inf "
                                  f"or NaN, which DFP16 cannot represent") from None
