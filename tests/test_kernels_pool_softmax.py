@@ -79,6 +79,11 @@ POOL_CASES = [
     (10, 12, 3, 1, 1),  # stride 1 (GoogLeNet's inception pools): whole rows of windows at once
     (5, 6, 5, 1, 2),    # stride 1 with clipped windows on both sides
     (6, 3, 4, 1, 3),    # stride 1, every window clipped (the image is narrower than the kernel)
+    (32, 32, 3, 2, 0),  # stride 2 (cifar10_quick's pool1): even/odd split rows, clipped last window
+    (13, 13, 3, 2, 0),  # stride 2, odd width, no clipped window
+    (11, 12, 3, 2, 1),  # stride 2 with padding on both sides
+    (9, 10, 4, 2, 2),   # stride 2, even kernel, taps of both parities at negative offsets
+    (7, 3, 5, 2, 2),    # stride 2, the image narrower than the kernel
 ]
 
 

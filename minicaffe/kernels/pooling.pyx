@@ -63,37 +63,126 @@ cdef inline void _max_window(const floating* x, const Geometry* g, int h0, int h
     best_index_out[0] = best_index
 
 
-cdef inline void _max_tap(const floating* x_row, int column, floating* y_row, int* mask_row,
-                          int count) noexcept nogil:
-    """One window tap for ``count`` pooled columns at stride 1: y[j] = max(y[j], x_row[j]), the mask
-    taking index column + j where the tap is strictly larger."""
-    cdef int j
-    cdef floating v, best
-    for j in range(count):
-        v = x_row[j]
-        best = y_row[j]
-        mask_row[j] = column + j if v > best else mask_row[j]
-        y_row[j] = v if v > best else best
+cdef extern from *:
+    """
+    /* One pooled row of MAX windows that lie inside the image: window j's tap t reads taps[t][j]
+       (consecutive in j) at plane index first[t] + step * j. All taps of a window are reduced in
+       registers, 16 windows at a time where AVX-512 is there (the compiler turned the same loop
+       into branchy scalar code); a strict '>' over taps in row-major order keeps the first
+       maximum. */
+    #if defined(__AVX512F__)
+    #include <immintrin.h>
+    static void max_pool_row_float(const float* const* taps, const int* first, int tap_count,
+                                   int step, int count, float* y, int* mask) {
+        const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        for (int j = 0; j < count; j += 16) {
+            __mmask16 live = count - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (count - j)) - 1);
+            __m512i offsets = _mm512_mullo_epi32(_mm512_add_epi32(lanes, _mm512_set1_epi32(j)),
+                                                 _mm512_set1_epi32(step));
+            __m512 best = _mm512_maskz_loadu_ps(live, taps[0] + j);
+            __m512i best_index = _mm512_add_epi32(offsets, _mm512_set1_epi32(first[0]));
+            for (int t = 1; t < tap_count; t++) {
+                __m512 v = _mm512_maskz_loadu_ps(live, taps[t] + j);
+                __mmask16 larger = _mm512_cmp_ps_mask(v, best, _CMP_GT_OQ);
+                best = _mm512_mask_mov_ps(best, larger, v);
+                best_index = _mm512_mask_mov_epi32(best_index, larger,
+                                                   _mm512_add_epi32(offsets, _mm512_set1_epi32(first[t])));
+            }
+            _mm512_mask_storeu_ps(y + j, live, best);
+            _mm512_mask_storeu_epi32(mask + j, live, best_index);
+        }
+    }
+    #define MAX_POOL_ROW_FLOAT_DONE
+    #endif
+    #define MAX_POOL_ROW(T)                                                                \
+        static void max_pool_row_##T(const T* const* taps, const int* first, int tap_count, \
+                                     int step, int count, T* y, int* mask) {               \
+            for (int j = 0; j < count; j++) {                                              \
+                T best = taps[0][j];                                                       \
+                int best_index = first[0] + step * j;                                      \
+                for (int t = 1; t < tap_count; t++) {                                      \
+                    if (taps[t][j] > best) {                                               \
+                        best = taps[t][j];                                                 \
+                        best_index = first[t] + step * j;                                  \
+                    }                                                                      \
+                }                                                                          \
+                y[j] = best;                                                               \
+                mask[j] = best_index;                                                      \
+            }                                                                              \
+        }
+    #ifndef MAX_POOL_ROW_FLOAT_DONE
+    MAX_POOL_ROW(float)
+    #endif
+    MAX_POOL_ROW(double)
+    """
+    void max_pool_row_float(const float** taps, const int* first, int tap_count, int step,
+                            int count, float* y, int* mask) noexcept nogil
+    void max_pool_row_double(const double** taps, const int* first, int tap_count, int step,
+                             int count, double* y, int* mask) noexcept nogil
 
 
-cdef void _max_forward_plane(const floating* x, floating* y, int* mask,
-                             const Geometry* g) noexcept nogil:
-    """At stride 1 (GoogLeNet's inception pools), windows wholly inside the image's columns are
-    reduced together, one pooled row at a time: each tap of the window, in row-major order, updates
-    the whole row of running maxima (a loop over pw that vectorizes); a strict '>' keeps the first
-    maximum. Clipped windows, and every window at larger strides (measured: strided row loads made
-    that path 2-3x slower than one window at a time), go one by one."""
-    cdef int ph, pw, h0, h1, h, b, first_pw, end_pw
+# Window taps (kernel_h * kernel_w) up to which a pooled row's windows are reduced together.
+cdef enum:
+    MAX_ROW_TAPS = 64
+
+
+cdef inline int _half_width(int width) noexcept nogil:
+    return (width + 1) // 2
+
+
+cdef void _deinterleave_rows(const floating* x, floating* rows, int height, int width) noexcept nogil:
+    """Row h of the plane becomes its even columns, then its odd columns, at rows + h * 2 * half:
+    at stride 2 every tap of a run of windows then reads consecutive values."""
+    cdef int h, i, half = _half_width(width)
+    cdef const floating* x_row
+    cdef floating* even
+    cdef floating* odd
+    for h in range(height):
+        x_row = x + <long>h * width
+        even = rows + <long>h * 2 * half
+        odd = even + half
+        for i in range(width // 2):
+            even[i] = x_row[2 * i]
+            odd[i] = x_row[2 * i + 1]
+        if width % 2:
+            even[half - 1] = x_row[width - 1]
+
+
+cdef inline const floating* _tap_values(const floating* x, const floating* rows, int h, int column,
+                                        int width, int stride) noexcept nogil:
+    """Where one tap's values for a run of windows inside the image lie consecutively, from image
+    column ``column`` (>= 0) on: the image row itself at stride 1; at stride 2 the even or odd half
+    of the split row."""
+    cdef int half
+    if stride == 1:
+        return x + <long>h * width + column
+    half = _half_width(width)
+    return rows + <long>h * 2 * half + (half if column % 2 else 0) + column // 2
+
+
+cdef void _max_forward_plane(const floating* x, floating* y, int* mask, const Geometry* g,
+                             floating* rows) noexcept nogil:
+    """At strides 1 and 2, the windows of a pooled row that lie wholly inside the image's columns
+    are reduced together by max_pool_row_*, from one pointer per tap to that tap's values for
+    consecutive windows. At stride 1 those are consecutive in the image row. At stride 2 they are
+    every other value (strided loads measured 2-3x slower than one window at a time), so the
+    plane's rows are first split into even and odd columns (``rows``, scratch of
+    height * 2 * ceil(width / 2)), where they are consecutive again. Clipped windows, and every
+    window at other strides or with more than MAX_ROW_TAPS taps, go one by one."""
+    cdef int ph, pw, h0, h1, h, b, first_pw, end_pw, column, count, tap_count
+    cdef const floating* taps[MAX_ROW_TAPS]
+    cdef int first[MAX_ROW_TAPS]
     cdef floating* y_row
     cdef int* mask_row
-    cdef const floating* x_row
     # Geometry in locals: the stores below could alias *g, which would stop vectorization.
-    cdef int width = g.width, pad = g.pad_w, kernel = g.kernel_w
-    # Pooled columns [first_pw, end_pw) have windows inside [0, width) (none unless stride 1).
+    cdef int width = g.width, pad = g.pad_w, kernel = g.kernel_w, stride = g.stride_w
+    # Pooled columns [first_pw, end_pw) have windows inside [0, width) (none at other strides).
     first_pw = end_pw = 0
-    if g.stride_w == 1 and width >= kernel:
-        first_pw = min(pad, g.pooled_width)
-        end_pw = max(min(width - kernel + pad + 1, g.pooled_width), first_pw)
+    if (stride == 1 or stride == 2) and width >= kernel and g.kernel_h * kernel <= MAX_ROW_TAPS:
+        first_pw = min((pad + stride - 1) // stride, g.pooled_width)
+        end_pw = max(min((width - kernel + pad) // stride + 1, g.pooled_width), first_pw)
+    if stride == 2 and end_pw > first_pw:
+        _deinterleave_rows(x, rows, g.height, width)
     for ph in range(g.pooled_height):
         h0 = ph * g.stride_h - g.pad_h
         h1 = min(h0 + g.kernel_h, g.height)
@@ -106,16 +195,19 @@ cdef void _max_forward_plane(const floating* x, floating* y, int* mask,
             _max_window(x, g, h0, h1, pw, &y_row[pw], &mask_row[pw])
         if end_pw == first_pw:
             continue
-        # Window columns start at pw - pad, inside the row for pw >= first_pw.
-        x_row = x + <long>h0 * width + first_pw - pad
-        for pw in range(end_pw - first_pw):
-            y_row[first_pw + pw] = x_row[pw]
-            mask_row[first_pw + pw] = h0 * width + first_pw - pad + pw
+        count = end_pw - first_pw
+        tap_count = 0
         for h in range(h0, h1):
-            x_row = x + <long>h * width + first_pw - pad
-            for b in range(1 if h == h0 else 0, kernel):
-                _max_tap(x_row + b, h * width + first_pw - pad + b, y_row + first_pw, mask_row + first_pw,
-                         end_pw - first_pw)
+            for b in range(kernel):
+                # Tap b of window pw reads column stride * pw - pad + b.
+                column = stride * first_pw - pad + b
+                taps[tap_count] = _tap_values(x, rows, h, column, width, stride)
+                first[tap_count] = h * width + column
+                tap_count += 1
+        if floating is float:
+            max_pool_row_float(taps, first, tap_count, stride, count, y_row + first_pw, mask_row + first_pw)
+        else:
+            max_pool_row_double(taps, first, tap_count, stride, count, y_row + first_pw, mask_row + first_pw)
 
 
 cdef int _max_backward_plane(const floating* dy, const int* mask, floating* dx,
@@ -141,11 +233,21 @@ def max_pool_forward(const floating[:, :, ::1] bottom, floating[:, :, ::1] top, 
     if mask.shape[0] != top.shape[0] or mask.shape[1] != top.shape[1] or mask.shape[2] != top.shape[2]:
         raise ValueError("max_pool_forward: mask and top differ in shape")
     cdef Py_ssize_t planes = bottom.shape[0], p
+    cdef floating* rows = NULL
+    cdef size_t rows_size = <size_t>g.height * 2 * _half_width(g.width) if stride_w == 2 else 1
+    cdef int failures = 0
     if planes == 0 or g.pooled_height == 0 or g.pooled_width == 0:
         return
-    with nogil:
-        for p in prange(planes, schedule="static", num_threads=team_size(planes, num_threads)):
-            _max_forward_plane(&bottom[p, 0, 0], &top[p, 0, 0], &mask[p, 0, 0], &g)
+    with nogil, parallel(num_threads=team_size(planes, num_threads)):
+        rows = <floating*>malloc(rows_size * sizeof(floating))
+        for p in prange(planes, schedule="static"):
+            if rows == NULL:
+                failures += 1
+            else:
+                _max_forward_plane(&bottom[p, 0, 0], &top[p, 0, 0], &mask[p, 0, 0], &g, rows)
+        free(rows)
+    if failures:
+        raise MemoryError("max_pool_forward: no memory for the split rows")
 
 
 def max_pool_backward(const floating[:, :, ::1] top_diff, const int[:, :, ::1] mask,
