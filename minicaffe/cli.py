@@ -227,6 +227,15 @@ def test(args):
     return 0
 
 
+def _resident_bytes():
+    """The process's resident memory now (Linux /proc), or its peak so far where /proc is absent."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def time_net(args):
     from .log import get_logger
     from .net import Net
@@ -238,6 +247,9 @@ def time_net(args):
         raise MinicaffeError("--iterations must be at least 1")
     _log_cpu_mode(log, args)
     from .proto import minicaffe_pb2 as pb
+    # The interpreter and its libraries (~110 MB) are there before any net: the net's own footprint
+    # is the peak above this.
+    rss_before_net = _resident_bytes()
     net = Net(args.model, weights=args.weights or None, phase=_phase(args), level=args.level,
               stages=_stages(args), precision=args.precision,
               precision_param=pb.PrecisionParameter(precision_stats=True) if args.debug_info else None)
@@ -288,8 +300,10 @@ def time_net(args):
         peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         # What training needs: every blob's data and diff, plus one history buffer per parameter.
         needed = net.blob_bytes() + sum(p.data.nbytes for p in net.learnable_params)
-        log.info(f"Peak resident memory: {peak_rss / 2**20:.1f} MiB (blobs, diffs and history: "
-                 f"{needed / 2**20:.1f} MiB)")
+        net_rss = peak_rss - rss_before_net
+        log.info(f"Peak resident memory: {peak_rss / 2**20:.1f} MiB, {net_rss / 2**20:.1f} MiB of it above "
+                 f"the process before the net was built (blobs, diffs and history: {needed / 2**20:.1f} MiB; "
+                 f"ratio {net_rss / max(needed, 1):.2f})")
         if args.json:
             batch = net.batch_size()
             median_fb = statistics.median(iteration_ms)
@@ -298,7 +312,7 @@ def time_net(args):
                 "precision": args.precision or "net default",
                 "forward_ms": total_forward, "backward_ms": total_backward, "forward_backward_ms": fb,
                 "forward_backward_ms_median": median_fb,
-                "peak_rss_mb": peak_rss / 2**20, "blob_mb": needed / 2**20,
+                "peak_rss_mb": peak_rss / 2**20, "net_rss_mb": net_rss / 2**20, "blob_mb": needed / 2**20,
                 "images_per_s": batch / (median_fb / 1e3) if median_fb > 0 else None,
                 "layers": [{"name": name, "type": layer.type_name, "forward_ms": mean(f), "backward_ms": mean(b)}
                            for name, layer, f, b in zip(net.layer_names, net.layers, forward_ms, backward_ms)],

@@ -92,6 +92,11 @@ def test_time_prints_caffe_lines_and_json():
     assert report["batch"] == 100 and report["iterations"] == 2 and report["threads"] == 1
     assert [layer["name"] for layer in report["layers"]][:2] == ["cifar", "conv1"]
     assert {"name", "type", "forward_ms", "backward_ms"} <= set(report["layers"][1])
+    # CIFAR-10 quick at batch 100 holds ~47 MiB of blobs, diffs and history: the net's own footprint
+    # must cover them and stay well under the whole process's peak.
+    assert report["blob_mb"] > 40
+    assert report["blob_mb"] * 0.5 < report["net_rss_mb"] < report["peak_rss_mb"]
+    assert re.search(r"Peak resident memory: [\d.]+ MiB, [\d.]+ MiB of it above the process", result.stderr)
 
 
 def test_help_and_layers_verb():
