@@ -6,7 +6,7 @@ gradients cleared; layers further on whose reduction has already finished are up
 communication overlaps the rest of backward and the next forward. The weights each layer sees are the
 same as with the update applied right after backward.
 """
-import numpy as np
+from ..kernels.solver_update import fill_zero
 
 
 class DeferredUpdates:
@@ -49,4 +49,4 @@ class DeferredUpdates:
             self.session.wait_param(i)
             self.update(i, self.rate)
             blob = self.net.learnable_params[i]
-            blob.diff[...] = np.float32(0)
+            fill_zero(blob.diff.reshape(-1))

@@ -371,7 +371,10 @@ class Solver:
             self._update_param(i, rate)
 
     def _update_param(self, i, rate):
-        """Normalize, regularize, compute the update value, apply it: for parameter ``i`` alone."""
+        """Normalize, regularize, compute the update value, apply it: for parameter ``i`` alone.
+
+        A subclass may override this with a fused kernel that does the same steps in one pass.
+        """
         blob = self.net.learnable_params[i]
         self.normalize(blob)
         self.regularize(i, blob)
@@ -395,17 +398,22 @@ class Solver:
         if self.param.iter_size > 1:
             blob.diff[...] *= np.float32(1.0 / self.param.iter_size)
 
+    def local_decay(self, i):
+        """Parameter ``i``'s weight decay, rounded to float32 as Caffe's Dtype, and the regularization type."""
+        decay = np.float32(self.param.weight_decay * self.net.params_weight_decay[i])
+        kind = self.param.regularization_type
+        if decay and kind not in ("L1", "L2"):
+            raise MinicaffeError(f"{self._where()}: unknown regularization_type '{kind}' (L1 or L2)")
+        return decay, kind
+
     def regularize(self, i, blob):
-        decay = self.param.weight_decay * self.net.params_weight_decay[i]
+        decay, kind = self.local_decay(i)
         if not decay:
             return
-        kind = self.param.regularization_type
         if kind == "L2":
-            blob.diff[...] += np.float32(decay) * blob.data
-        elif kind == "L1":
-            blob.diff[...] += np.float32(decay) * np.sign(blob.data)
+            blob.diff[...] += decay * blob.data
         else:
-            raise MinicaffeError(f"{self._where()}: unknown regularization_type '{kind}' (L1 or L2)")
+            blob.diff[...] += decay * np.sign(blob.data)
 
     def compute_update_value(self, i, blob, rate):
         raise NotImplementedError
