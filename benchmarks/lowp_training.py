@@ -1,12 +1,14 @@
 """End-to-end training throughput in DFP16 and BF16 against FP32, as ratios measured in one run.
 
 For each net (prototxt/<net>/<net>_train_val or _train_test, TRAIN phase, the file's batch) and each
-thread count, one net is built per arm, FP32, DFP16 and BF16, as `tools/train --precision=` builds it
-(the first Convolution and the last InnerProduct stay FP32). The arms are timed
-interleaved: each round runs every arm once (a warm-up iteration, then ``--iterations`` timed ones),
-for ``--rounds`` rounds. A training iteration is forward, backward and a plain SGD step on the FP32
-master weights (the same in every arm). Reported: median images/s per arm and the ratios to FP32.
-FP32 is minicaffe's FP32 path, the one `tools/train` uses.
+thread count, one SGD solver is built per arm, FP32, DFP16 and BF16, with the solver's `precision`
+field as `tools/train --precision=` sets it (the first Convolution and the last InnerProduct stay
+FP32). The arms are timed interleaved: each round runs every arm once (a warm-up iteration, then
+``--iterations`` timed ones), for ``--rounds`` rounds. A training iteration is the solver's
+``step(1)``, as `tools/train` runs it: gradients cleared, forward, backward and the SGD update with
+momentum and weight decay on the FP32 master weights (the same in every arm; a learning rate of 1e-9
+keeps the weights, and so every arm's work, unchanged in effect). Reported: median images/s per arm
+and the ratios to FP32. FP32 is minicaffe's FP32 path, the one `tools/train` uses.
 
     PYTHONPATH=. python benchmarks/lowp_training.py [--nets lenet,cifar10_quick,alexnet,resnet50]
         [--threads 1,2] [--iterations N] [--rounds R] [--json PATH]
@@ -19,13 +21,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from minicaffe.net import TRAIN, Net  # noqa: E402
+from minicaffe.proto import minicaffe_pb2 as pb  # noqa: E402
+from minicaffe.solvers import get_solver  # noqa: E402
 from minicaffe.threads import blas_single_threaded, set_num_threads  # noqa: E402
 from throughput import train_val_path  # noqa: E402
 
@@ -35,20 +37,19 @@ DEFAULT_ITERATIONS = {"lenet": 10, "cifar10_quick": 4, "alexnet": 2, "resnet50":
 ARMS = ("FP32", "DFP16", "BF16")
 
 
-def training_step(net):
-    net.clear_param_diffs()
-    net.forward_backward()
-    for blob in net.learnable_params:
-        # A vanishing learning rate keeps the weights (and so every arm's work) unchanged in effect.
-        blob.data -= np.float32(1e-12) * blob.diff
+def build_solver(path, arm):
+    param = pb.SolverParameter(net=str(path), base_lr=1e-9, lr_policy="fixed", momentum=0.9,
+                               weight_decay=5e-4, max_iter=10**9, display=0, random_seed=1)
+    param.precision = getattr(pb, arm)
+    return get_solver(param, source=f"lowp_training {arm}")
 
 
-def time_arm(net, iterations):
-    training_step(net)
+def time_arm(solver, iterations):
+    solver.step(1)
     samples = []
     for _ in range(iterations):
         start = time.perf_counter()
-        training_step(net)
+        solver.step(1)
         samples.append(time.perf_counter() - start)
     return samples
 
@@ -71,9 +72,9 @@ def main(argv=None):
     results = []
     for name in [n for n in args.nets.split(",") if n]:
         path = train_val_path(name)
-        nets = {arm: Net(str(path), phase=TRAIN, precision=arm) for arm in ARMS}
+        solvers = {arm: build_solver(path, arm) for arm in ARMS}
         iterations = args.iterations or DEFAULT_ITERATIONS.get(name, 2)
-        batch = nets["FP32"].batch_size()
+        batch = solvers["FP32"].net.batch_size()
         try:
             for threads in [int(t) for t in args.threads.split(",") if t]:
                 set_num_threads(threads)
@@ -81,7 +82,7 @@ def main(argv=None):
                 with blas_single_threaded():
                     for _ in range(args.rounds):
                         for arm in ARMS:
-                            samples[arm] += time_arm(nets[arm], iterations)
+                            samples[arm] += time_arm(solvers[arm], iterations)
                 rates = {arm: batch / statistics.median(s) for arm, s in samples.items()}
                 row = {"net": name, "batch": batch, "threads": threads, "samples": len(samples["FP32"]),
                        "images_per_s": rates, "dfp16_over_fp32": rates["DFP16"] / rates["FP32"],
@@ -90,10 +91,11 @@ def main(argv=None):
                 print(f"{name:<14} {batch:>5} {threads:>3} " + " ".join(f"{rates[a]:>12.1f}" for a in ARMS) +
                       f" {row['dfp16_over_fp32']:>10.2f} {row['bf16_over_fp32']:>10.2f}", flush=True)
         finally:
-            for each in nets.values():
+            for each in solvers.values():
                 each.close()
     print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    print("(medians over interleaved rounds; a training iteration = forward + backward + SGD step)")
+    print("(medians over interleaved rounds; a training iteration = the solver's step(1): forward, backward, "
+          "SGD update)")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 
