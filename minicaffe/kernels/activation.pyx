@@ -337,21 +337,11 @@ cdef inline int _check_slopes(str kernel, Py_ssize_t slopes, Py_ssize_t channels
 
 
 # -- Dropout ------------------------------------------------------------------------------------------
-# The mask is a pure function of (key, element index): element i uses the SplitMix64 output for
-# state key + (i + 1) * golden ratio, so forward and backward, any thread count, and a resumed run
-# all see the same mask for the same key.
+# The mask is a pure function of (key, element index): element i uses random word i of the key (the
+# SplitMix64 output for state key + (i + 1) * golden ratio, shared with the random fills), so forward
+# and backward, any thread count, and a resumed run all see the same mask for the same key.
 
-cdef extern from *:
-    """
-    static inline unsigned long long minicaffe_mix64(unsigned long long z) {
-        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-        z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-        return z ^ (z >> 31);
-    }
-    #define MINICAFFE_GOLDEN_GAMMA 0x9E3779B97F4A7C15ULL
-    """
-    unsigned long long mix64 "minicaffe_mix64"(unsigned long long z) noexcept nogil
-    unsigned long long GOLDEN_GAMMA "MINICAFFE_GOLDEN_GAMMA"
+from minicaffe.kernels.random cimport mix64, random_word
 
 
 def dropout_key(unsigned long long seed, unsigned long long position):
@@ -373,5 +363,5 @@ def dropout_apply(const floating[::1] x, floating[::1] y, unsigned long long key
     with nogil:
         for c in prange(chunks, schedule="static", num_threads=team_size(chunks, num_threads)):
             for i in range(c * CHUNK, min(c * CHUNK + CHUNK, n)):
-                word = mix64(key + <unsigned long long>(i + 1) * GOLDEN_GAMMA)
+                word = random_word(key, i)
                 y[i] = x[i] * (s if (word >> 32) >= drop_below else 0)

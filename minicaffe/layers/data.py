@@ -4,6 +4,8 @@ A Data layer's batch number b is a pure function of (the layer's seed, b) and of
 global batch; ``set_position(b)`` restarts it at batch b, which is how a resumed run reads exactly
 what an uninterrupted one would have read.
 """
+from functools import partial
+
 import numpy as np
 
 from .. import rng
@@ -11,6 +13,8 @@ from ..data import open_source
 from ..data.prefetch import Prefetcher, RecordSchedule
 from ..data.transformer import DataTransformer
 from ..filler import fill_blob
+from ..kernels import random as random_fill
+from ..kernels.parallel import num_threads
 from ..layer import Layer, register
 from ..proto import minicaffe_pb2 as pb
 
@@ -40,7 +44,14 @@ class InputLayer(Layer):
 
 @register("DummyData")
 class DummyDataLayer(Layer):
-    """Tops filled by fillers; only tops with a non-constant filler are refilled at each forward."""
+    """Tops filled by fillers; only tops with a non-constant filler are refilled at each forward.
+
+    Constant tops are filled once, at setup. The others are first filled by the first forward: setup
+    draws nothing from the framework RNG, so the weights of the layers after this one are the same
+    as without it. Uniform and (non-sparse) gaussian refills run the counter-based kernels of
+    minicaffe/kernels/random.pyx on all threads, keyed by one draw from the framework RNG per top
+    and forward, so ``random_seed`` still repeats them; the rarer fillers refill through fill_blob.
+    """
 
     exact_num_bottom = 0
     min_top = 1
@@ -54,12 +65,26 @@ class DummyDataLayer(Layer):
             raise self.error(f"dummy_data_param has {len(fillers)} data_filler for {num_top} tops; "
                              "give none, one for all tops, or one per top")
         self._fillers = fillers * num_top if len(fillers) == 1 else fillers
-        self._refill = [filler.type != "constant" for filler in self._fillers]
+        self._refills = [self._refill_for(filler) for filler in self._fillers]
         shapes = self._shapes(param, num_top)
-        for blob, shape, filler, refill in zip(top, shapes, self._fillers, self._refill):
+        for blob, shape, filler, refill in zip(top, shapes, self._fillers, self._refills):
             blob.reshape(shape)
-            if not refill:
+            if refill is None:
                 fill_blob(blob, filler, self._where)
+
+    def _refill_for(self, filler):
+        """The function that refills a top with ``filler`` at each forward; None for constant."""
+        if filler.type == "constant":
+            return None
+        # fill_blob refuses sparse on any filler but gaussian, and applies it there.
+        if filler.type == "uniform" and filler.sparse < 0:
+            return partial(_kernel_refill, random_fill.fill_uniform, filler.min, filler.max)
+        if filler.type == "gaussian" and filler.sparse < 0:
+            if filler.std < 0:
+                raise self.error(f"dummy_data_param.data_filler: gaussian std must not be negative, "
+                                 f"got {filler.std:g}")
+            return partial(_kernel_refill, random_fill.fill_normal, filler.mean, filler.std)
+        return partial(fill_blob, filler_param=filler, where=self._where)
 
     def _shapes(self, param, num_top):
         legacy = {"num": param.num, "channels": param.channels, "height": param.height,
@@ -84,9 +109,15 @@ class DummyDataLayer(Layer):
         """Shapes are fixed in setup."""
 
     def forward(self, bottom, top):
-        for blob, filler, refill in zip(top, self._fillers, self._refill):
-            if refill:
-                fill_blob(blob, filler, self._where)
+        for blob, refill in zip(top, self._refills):
+            if refill is not None:
+                refill(blob)
+
+
+def _kernel_refill(kernel, first, second, blob):
+    if blob.count:
+        key = rng.generator().integers(2**64, dtype=np.uint64)
+        kernel(blob.data.reshape(-1), first, second, int(key), num_threads())
 
 
 @register("Data")
