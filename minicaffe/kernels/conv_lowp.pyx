@@ -6,17 +6,27 @@ Images are spread over the threads (static assignment: image n always goes to th
 given thread count, so results are bit-identical from run to run). Each worker lowers its image with
 im2col on the 16-bit values (half the bytes of FP32 columns) into its own column buffer and calls the
 16-bit GEMM single-threaded, one call per group; its weight-gradient partial sums are added into dw in
-worker order at the end. A 1x1 kernel with stride 1 and no padding needs no lowering.
+worker order at the end. A 1x1 kernel with stride 1 and no padding needs no lowering. The weights,
+the same for every image, are packed for the GEMM once per call, before the workers start.
+
+Backward-data has two forms. (1) W^T @ dy into FP32 columns, summed back into dx by col2im: a GEMM
+with the short K = M/group whose output, C*kh*kw*OH*OW FP32 values, is written and read back.
+(2) For stride 1, backward-data is itself a convolution: of dy, padded by dilation*(kernel-1) - pad,
+with the weights flipped in space and transposed (in, out) per group: a GEMM with K = (M/group)*kh*kw
+straight into dx, whose cost is lowering dy, M*kh*kw*H*W 16-bit values. (2) runs where it can and
+moves fewer bytes, i.e. M*H*W < 2*C*OH*OW: it made CIFAR-10 quick's conv2 and AlexNet's conv3-5
+backward-data 15-30% faster, and was 30% slower on AlexNet's conv2 (M = 256 from C = 96).
 
 BF16 bit patterns are lowered as int16: im2col only copies 16-bit words, and padding writes 0, which
 is +0.0 in BF16 as in DFP16.
 """
 from cython.parallel cimport prange, threadid
-from libc.stdint cimport int16_t, uint16_t, uint8_t
+from libc.stdint cimport int16_t, uint16_t, uint32_t, uint8_t
 from libc.string cimport memset
 
 from minicaffe.kernels.im2col cimport Geometry, make_geometry, im2col_channels, col2im_channels
-from minicaffe.kernels.lowp_gemm cimport gemm_bf16_raw, gemm_s16_raw
+from minicaffe.kernels.lowp_gemm cimport (lowp_plan, gemm_bf16_raw, gemm_packed_a, gemm_s16_raw,
+                                          pack_a, packed_a_bound, plan_gemm)
 from minicaffe.kernels.parallel import num_threads
 
 ctypedef fused lowp_t:
@@ -34,10 +44,15 @@ cdef struct Plan:
     int k_per_group         # (C / group) * kh * kw: rows of col_g, columns of W_g
     int spatial             # OH * OW
     bint pointwise          # 1x1, stride 1, no padding: the image is its own column matrix
+    bint flip_data          # backward-data runs as the convolution of dy with the flipped weights
+    Geometry dy_geom        # when flip_data: dy's image [M, OH, OW] lowered to H x W outputs
     int workers             # threads that take images
     long col_bytes          # one worker's 16-bit column buffer (0 when pointwise)
-    long dcol_bytes         # one worker's FP32 backward-data columns (0 when pointwise)
+    long dcol_bytes         # one worker's backward-data columns: 16-bit dy columns when flip_data,
+                            # else FP32 columns for col2im (0 when pointwise)
     long dw_bytes           # one worker's FP32 weight-gradient partial sums
+    long apack_bytes        # one group's packed weights, for any pass
+    long flipped_bytes      # the flipped weights when flip_data
     long weight_size
 
 
@@ -59,15 +74,36 @@ cdef int make_plan(Plan* p, tuple x_shape, tuple w_shape, tuple pad, tuple strid
     p.spatial = p.geom.out_h * p.geom.out_w
     p.pointwise = kh == 1 and kw == 1 and tuple(pad) == (0, 0) and tuple(stride) == (1, 1)
     p.workers = max(1, min(threads, n))
+    cdef int flip_pad_h = dilation[0] * (kh - 1) - pad[0], flip_pad_w = dilation[1] * (kw - 1) - pad[1]
+    p.flip_data = (not p.pointwise and tuple(stride) == (1, 1) and flip_pad_h >= 0 and flip_pad_w >= 0
+                   and p.spatial > 0 and <long>m * h * w_ < 2L * c * p.spatial)
+    if p.flip_data:
+        p.dy_geom = make_geometry(m, p.geom.out_h, p.geom.out_w, kh, kw, flip_pad_h, flip_pad_w, 1, 1,
+                                  dilation[0], dilation[1])
     p.col_bytes = 0 if p.pointwise else aligned(<long>c * kh * kw * p.spatial * 2)
-    p.dcol_bytes = 0 if p.pointwise else aligned(<long>c * kh * kw * p.spatial * 4)
+    if p.flip_data:
+        p.dcol_bytes = aligned(<long>m * kh * kw * h * w_ * 2)
+    else:
+        p.dcol_bytes = 0 if p.pointwise else aligned(<long>c * kh * kw * p.spatial * 4)
     p.weight_size = <long>m * p.k_per_group
     p.dw_bytes = aligned(p.weight_size * 4)
+    p.apack_bytes = aligned(max(packed_a_bound(p.out_per_group, p.k_per_group),
+                                packed_a_bound(cg, p.out_per_group * kh * kw) if p.flip_data
+                                else packed_a_bound(p.k_per_group, p.out_per_group)))
+    p.flipped_bytes = aligned(p.weight_size * 2) if p.flip_data else 0
     return 0
 
 
 cdef long workspace_bytes(const Plan* p) noexcept:
-    return p.workers * (p.col_bytes + p.dcol_bytes + p.dw_bytes) + ALIGN
+    return p.workers * (p.col_bytes + p.dcol_bytes + p.dw_bytes) + p.group * p.apack_bytes + p.flipped_bytes + ALIGN
+
+
+cdef inline uint32_t* apack_area(const Plan* p, uint8_t* workspace) noexcept nogil:
+    return <uint32_t*>(workspace + p.workers * (p.col_bytes + p.dcol_bytes + p.dw_bytes))
+
+
+cdef inline uint8_t* flipped_area(const Plan* p, uint8_t* workspace) noexcept nogil:
+    return <uint8_t*>apack_area(p, workspace) + p.group * p.apack_bytes
 
 
 def conv_lowp_workspace_bytes(tuple x_shape, tuple w_shape, tuple pad, tuple stride, tuple dilation,
@@ -76,6 +112,15 @@ def conv_lowp_workspace_bytes(tuple x_shape, tuple w_shape, tuple pad, tuple str
     cdef Plan p
     make_plan(&p, x_shape, w_shape, pad, stride, dilation, group, num_threads() if threads is None else threads)
     return workspace_bytes(&p)
+
+
+def conv_lowp_backward_data_method(tuple x_shape, tuple w_shape, tuple pad, tuple stride, tuple dilation,
+                                   int group=1):
+    """How conv_backward_lowp computes dx for these shapes: "flipped" (the convolution of dy with the
+    flipped weights), "columns" (W^T @ dy, then col2im) or "pointwise" (W^T @ dy is dx)."""
+    cdef Plan p
+    make_plan(&p, x_shape, w_shape, pad, stride, dilation, group, 1)
+    return "flipped" if p.flip_data else "pointwise" if p.pointwise else "columns"
 
 
 cdef tuple dims(const Py_ssize_t* shape):
@@ -112,6 +157,45 @@ cdef inline int gemm16(bint trans_a, bint trans_b, int m, int n, int k, const lo
     return status
 
 
+cdef inline int gemm_packed16(const lowp_plan* plan, const uint32_t* apack, const lowp_t* b, int ldb,
+                              float* c, int ldc, float scale, bint debug_overflow,
+                              long long* events) noexcept nogil:
+    """C = scale * A @ B with A packed by pack_weights; adds its overflow events into *events."""
+    cdef long long found = 0
+    cdef int status = gemm_packed_a(plan, apack, False, <const uint16_t*>b, ldb, c, ldc, scale, 0,
+                                    debug_overflow, &found)
+    events[0] += found
+    return status
+
+
+cdef inline void pack_weights(lowp_plan* plan, const Plan* p, int m, int n, int k, bint trans, const lowp_t* w,
+                              long group_stride, int k_chunk, uint32_t* apack) noexcept nogil:
+    """Plans the per-image m x n x k product and packs each group's op(W) (k x m stored when trans,
+    else m x k; groups group_stride values apart) into its slot of apack."""
+    cdef int g
+    plan_gemm(plan, lowp_t is uint16_t, m, n, k, k_chunk)
+    for g in range(p.group):
+        pack_a(plan, trans, <const uint16_t*>(w + g * group_stride), m if trans else k,
+               apack + g * (p.apack_bytes // 4))
+
+
+cdef void flip_weights(const Plan* p, const lowp_t* w, lowp_t* flipped) noexcept nogil:
+    """flipped[g*cg + c, m, i, j] = w[g*mg + m, c, kh-1-i, kw-1-j]: the weights of backward-data as a
+    convolution of dy."""
+    cdef int kh = p.geom.kernel_h, kw = p.geom.kernel_w, area = kh * kw
+    cdef int mg = p.out_per_group, cg = p.geom.channels // p.group
+    cdef int g, m, c, tap
+    cdef const lowp_t* src
+    cdef lowp_t* dst
+    for g in range(p.group):
+        for m in range(mg):
+            for c in range(cg):
+                src = w + (<long>(g * mg + m) * cg + c) * area
+                dst = flipped + (<long>(g * cg + c) * mg + m) * area
+                for tap in range(area):
+                    dst[tap] = src[area - 1 - tap]
+
+
 cdef inline const lowp_t* columns(const Plan* p, const lowp_t* image, lowp_t* col) noexcept nogil:
     """The image's column matrix: the image itself when pointwise, else its im2col lowering into col."""
     if p.pointwise:
@@ -133,14 +217,17 @@ cdef int forward_impl(const Plan* p, const lowp_t* x, const lowp_t* w, const flo
     cdef const lowp_t* col
     cdef float* y_n
     cdef float b
+    cdef lowp_plan plan
+    cdef uint32_t* apack = apack_area(p, workspace)
+    pack_weights(&plan, p, mg, s, kg, False, w, <long>mg * kg, k_chunk, apack)
     for n in prange(p.batch, num_threads=p.workers, schedule='static'):
         t = threadid()
         found = 0
         col = columns(p, x + n * x_image, <lowp_t*>(workspace + t * p.col_bytes))
         y_n = y + n * y_image
         for g in range(p.group):
-            failures += gemm16(False, False, mg, s, kg, w + <long>g * mg * kg, kg, col + <long>g * kg * s, s,
-                               y_n + <long>g * mg * s, s, scale, 0, k_chunk, debug_overflow, &found) != 0
+            failures += gemm_packed16(&plan, apack + g * (p.apack_bytes // 4), col + <long>g * kg * s, s,
+                                      y_n + <long>g * mg * s, s, scale, debug_overflow, &found) != 0
         if bias != NULL:
             for row in range(p.out_channels):
                 b = bias[row]
@@ -181,19 +268,32 @@ cdef int backward_impl(const Plan* p, const lowp_t* x, const lowp_t* w, const lo
     cdef long x_image = <long>p.geom.channels * p.geom.height * p.geom.width
     cdef long y_image = <long>p.out_channels * p.spatial
     cdef int mg = p.out_per_group, kg = p.k_per_group, s = p.spatial
+    cdef int cg = p.geom.channels // p.group, hw = p.geom.height * p.geom.width
+    cdef int kd = mg * p.geom.kernel_h * p.geom.kernel_w  # K of the flipped backward-data product
     cdef int n, t, g, failures = 0
     cdef long i, first, last
     cdef long long found, counted = 0
     cdef uint8_t* dcol_area = workspace + p.workers * p.col_bytes
     cdef uint8_t* dw_area = dcol_area + p.workers * p.dcol_bytes
+    cdef uint32_t* apack = apack_area(p, workspace)
+    cdef lowp_t* flipped = <lowp_t*>flipped_area(p, workspace)
+    cdef lowp_plan plan
     cdef const lowp_t* col
     cdef const lowp_t* dy_n
+    cdef lowp_t* dy_col
     cdef float* dcol
+    cdef float* dx_n
     cdef float* dw_part
     cdef float total
     if dw != NULL:
         for t in range(p.workers):
             memset(dw_area + t * p.dw_bytes, 0, p.weight_size * sizeof(float))
+    if dx != NULL:
+        if p.flip_data:
+            flip_weights(p, w, flipped)
+            pack_weights(&plan, p, cg, hw, kd, False, flipped, <long>cg * kd, k_chunk, apack)
+        else:
+            pack_weights(&plan, p, kg, s, mg, True, w, <long>mg * kg, k_chunk, apack)
     for n in prange(p.batch, num_threads=p.workers, schedule='static'):
         t = threadid()
         found = 0
@@ -205,12 +305,18 @@ cdef int backward_impl(const Plan* p, const lowp_t* x, const lowp_t* w, const lo
                 failures += gemm16(False, True, mg, kg, s, dy_n + <long>g * mg * s, s, col + <long>g * kg * s, s,
                                    dw_part + <long>g * mg * kg, kg, scale_weights, 1, k_chunk, debug_overflow,
                                    &found) != 0
-        if dx != NULL:
+        if dx != NULL and p.flip_data:
+            dy_col = <lowp_t*>(dcol_area + t * p.dcol_bytes)
+            im2col_channels(<const int16_t*>dy_n, &p.dy_geom, 0, p.out_channels, <int16_t*>dy_col)
+            dx_n = dx + n * x_image
+            for g in range(p.group):
+                failures += gemm_packed16(&plan, apack + g * (p.apack_bytes // 4), dy_col + <long>g * kd * hw, hw,
+                                          dx_n + <long>g * cg * hw, hw, scale_data, debug_overflow, &found) != 0
+        elif dx != NULL:
             dcol = dx + n * x_image if p.pointwise else <float*>(dcol_area + t * p.dcol_bytes)
             for g in range(p.group):
-                failures += gemm16(True, False, kg, s, mg, w + <long>g * mg * kg, kg, dy_n + <long>g * mg * s, s,
-                                   dcol + <long>g * kg * s, s, scale_data, 0, k_chunk, debug_overflow,
-                                   &found) != 0
+                failures += gemm_packed16(&plan, apack + g * (p.apack_bytes // 4), dy_n + <long>g * mg * s, s,
+                                          dcol + <long>g * kg * s, s, scale_data, debug_overflow, &found) != 0
             if not p.pointwise:
                 col2im_channels(<const float*>dcol, &p.geom, 0, p.geom.channels, dx + n * x_image)
         counted += found  # a prange reduction, as in forward_impl

@@ -13,7 +13,7 @@ import contextlib
 
 import numpy as np
 
-from libc.stdint cimport int16_t, uint16_t
+from libc.stdint cimport int16_t, uint16_t, uint32_t
 
 from minicaffe.kernels.parallel cimport team_size
 from minicaffe.kernels.parallel import num_threads
@@ -22,9 +22,11 @@ cdef extern from "lowp_gemm.h" nogil:
     ctypedef struct lowp_kernel:
         pass
 
-    ctypedef struct lowp_plan:
-        int items
-        int threads
+    size_t lowp_packed_a_bound(int m, int k)
+    void lowp_plan_pack_a(const lowp_plan* plan, int trans_a, const uint16_t* a, long lda, uint32_t* apack)
+    int lowp_plan_run_packed_a(const lowp_plan* plan, const uint32_t* apack, int trans_b, const uint16_t* b,
+                               long ldb, float* c, long ldc, float scale, float beta, int debug_overflow,
+                               long long* overflow_events)
 
     int lowp_s16_supported(int variant)
     int lowp_bf16_supported(int variant)
@@ -64,6 +66,27 @@ cdef int gemm_bf16_raw(bint trans_a, bint trans_b, int m, int n, int k,
     lowp_plan_init(&plan, lowp_bf16_kernel(_bf16_variant), m, n, k, 0, threads)
     return lowp_plan_run(&plan, team_size(plan.items, plan.threads), trans_a, trans_b,
                          a, lda, b, ldb, c, ldc, alpha, beta, 0, NULL)
+
+
+cdef void plan_gemm(lowp_plan* plan, bint bf16, int m, int n, int k, int k_chunk) noexcept nogil:
+    if bf16:
+        lowp_plan_init(plan, lowp_bf16_kernel(_bf16_variant), m, n, k, 0, 1)
+    else:
+        lowp_plan_init(plan, lowp_s16_kernel(_s16_variant), m, n, k, k_chunk, 1)
+
+
+cdef size_t packed_a_bound(int m, int k) noexcept nogil:
+    return lowp_packed_a_bound(m, k)
+
+
+cdef void pack_a(const lowp_plan* plan, bint trans_a, const uint16_t* a, long lda, uint32_t* apack) noexcept nogil:
+    lowp_plan_pack_a(plan, trans_a, a, lda, apack)
+
+
+cdef int gemm_packed_a(const lowp_plan* plan, const uint32_t* apack, bint trans_b, const uint16_t* b, long ldb,
+                       float* c, long ldc, float scale, float beta, bint debug_overflow,
+                       long long* events) noexcept nogil:
+    return lowp_plan_run_packed_a(plan, apack, trans_b, b, ldb, c, ldc, scale, beta, debug_overflow, events)
 
 
 def _explain_bad_operands(fn, a, b, c, operand_dtype):

