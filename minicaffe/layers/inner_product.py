@@ -2,7 +2,7 @@
 import numpy as np
 
 from minicaffe.errors import MinicaffeError
-from minicaffe.kernels.blas import matmul
+from minicaffe.kernels.skinny_gemm import matmul
 from minicaffe.layer import Layer, register
 from minicaffe.precision import LowPrecisionInnerProduct, check_float32, layer_precision
 
@@ -12,7 +12,8 @@ class InnerProductLayer(Layer):
     """top = bottom @ W^T + bias, the bottom flattened to [M, K] from ``axis`` on.
 
     The weight is [num_output, K], or [K, num_output] with ``transpose: true``. The top has the
-    bottom's axes before ``axis`` and then num_output.
+    bottom's axes before ``axis`` and then num_output. At small batches the forward and
+    bottom-gradient products go to the skinny kernels (kernels/skinny_gemm.pyx), else to BLAS.
     """
 
     exact_num_bottom = 1
