@@ -2,8 +2,11 @@
 
 Operands are small integers, so every sum is an exact integer in INT32, in FP32 and in BF16 products:
 the kernels must then match an int64 reference bit for bit, whatever the path (weights packed once,
-backward-data as the convolution of dy with the flipped weights, or W^T @ dy with col2im), the
-chunking, the GEMM variant and the thread count.
+backward-data as the convolution of dy with the flipped weights, or W^T @ dy with col2im),
+the chunking, the GEMM variant and the thread count. Where stride and dilation along the width are 1,
+the GEMM packs x (and dy, for the flipped backward-data) straight from a zero-padded copy instead of
+an im2col column matrix; the cases include odd output widths (pairs of outputs straddle two rows),
+output rows shorter and longer than a 32-column panel, and strides and dilations along the height.
 """
 import numpy as np
 import pytest
@@ -20,7 +23,18 @@ CASES = [
     ((2, 4, 6, 6), (3, 4, 3, 3), (3, 3), (1, 1), (1, 1), 1, "columns"),       # padding beyond the kernel
     ((3, 4, 9, 9), (4, 2, 3, 3), (1, 1), (2, 2), (1, 1), 2, "columns"),       # stride
     ((2, 8, 5, 5), (5, 8, 1, 1), (0, 0), (1, 1), (1, 1), 1, "pointwise"),
+    ((2, 3, 7, 37), (4, 3, 3, 3), (1, 1), (1, 1), (1, 1), 1, "flipped"),       # odd rows of 37 outputs
+    ((2, 5, 6, 34), (3, 5, 3, 2), (0, 1), (2, 1), (1, 1), 1, "columns"),       # stride along the height
+    ((2, 3, 11, 20), (4, 3, 3, 3), (2, 1), (1, 1), (2, 1), 1, "flipped"),      # dilation along the height
+    ((2, 2, 5, 34), (3, 2, 3, 3), (1, 1), (1, 1), (1, 1), 1, "flipped"),       # 32 outputs in one row
+    ((2, 3, 8, 8), (2, 3, 3, 3), (1, 1), (1, 1), (1, 1), 1, "flipped"),        # 32 outputs in 4 rows
 ]
+
+
+def packs_from_image(case):
+    _, w_shape, pad, stride, dil, _, _ = case
+    pointwise = w_shape[2:] == (1, 1) and pad == (0, 0) and stride == (1, 1)
+    return not pointwise and stride[1] == 1 and dil[1] == 1
 
 
 def out_size(size, k, pad, stride, dil):
@@ -96,7 +110,7 @@ def expected(case, x, w, dy):
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("variant", lowp_gemm.supported_variants()["s16"])
-@pytest.mark.parametrize("k_chunk", [0, 7])
+@pytest.mark.parametrize("k_chunk", [0, 7, 66])
 def test_dfp16_matches_exact_reference(case, variant, k_chunk):
     x, w, dy = operands(case, 0, 60)
     with lowp_gemm.forced_variant("s16", variant):
@@ -115,7 +129,8 @@ def test_bf16_matches_exact_reference(case, variant):
         np.testing.assert_array_equal(actual, want, err_msg=name)
 
 
-@pytest.mark.parametrize("case", [CASES[1], CASES[6]])
+# CASES[8] with 7 images: weight-gradient blocks of several images, split over 1, 2 or 3 threads.
+@pytest.mark.parametrize("case", [CASES[1], CASES[6], CASES[8], ((7,) + CASES[8][0][1:],) + CASES[8][1:]])
 def test_results_do_not_depend_on_the_thread_count(case):
     x, w, dy = operands(case, 2, 30000)
     operands16 = [a.astype(np.int16) for a in (x, w, dy)]
@@ -130,6 +145,29 @@ def test_results_do_not_depend_on_the_thread_count(case):
     for other in results[1:]:
         for a, b in zip(results[0][:3], other[:3]):
             np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_packing_from_the_image_is_taken_where_it_applies(case):
+    assert conv_lowp.conv_lowp_packs_from_image(*case[:6]) == packs_from_image(case)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if packs_from_image(c)])
+@pytest.mark.parametrize("kind", ["s16", "bf16"])
+def test_packing_from_the_image_matches_im2col_bit_for_bit(case, kind):
+    # Large operands: FP32 rounds the sums, so the two paths must add the same products in the same order.
+    x, w, dy = operands(case, 3, 30000)
+    operands16 = [a.astype(np.int16) if kind == "s16" else as_bf16(a) for a in (x, w, dy)]
+    results = []
+    try:
+        for packing in (True, False):
+            conv_lowp.set_image_packing(packing)
+            assert conv_lowp.conv_lowp_packs_from_image(*case[:6]) == packing
+            results.append(run(case, *operands16, k_chunk=66))
+    finally:
+        conv_lowp.set_image_packing(True)
+    for name, packed, lowered in zip(("y", "dx", "dw"), *results):
+        np.testing.assert_array_equal(packed, lowered, err_msg=name)
 
 
 def test_flipped_backward_data_counts_overflow_and_chunking_prevents_it():

@@ -14,6 +14,13 @@ cdef extern from "lowp_gemm.h" nogil:
         int items      # independent work items
         int threads    # threads worth starting for them
 
+    # A convolution's column matrix, cols[r][j] = image[tap[r] + out[j]], read from the zero-padded
+    # image while B is packed instead of being written out by im2col.
+    ctypedef struct lowp_columns:
+        const uint16_t* image
+        const int* tap     # per row r (channel, kernel row, kernel column): the tap's offset
+        const int* out     # per column j (output position): its window's offset
+
 cdef int gemm_s16_raw(bint trans_a, bint trans_b, int m, int n, int k,
                       const int16_t* a, int lda, const int16_t* b, int ldb,
                       float* c, int ldc, float scale, float beta, int k_chunk,
@@ -41,3 +48,8 @@ cdef void pack_a(const lowp_plan* plan, bint trans_a, const uint16_t* a, long ld
 cdef int gemm_packed_a(const lowp_plan* plan, const uint32_t* apack, bint trans_b, const uint16_t* b, long ldb,
                        float* c, long ldc, float scale, float beta, bint debug_overflow,
                        long long* events) noexcept nogil
+# gemm_columns: the same with op(B) = cols (trans_b False) or cols^T (trans_b True), and A either
+# packed by pack_a (apack) or, when apack is NULL, packed here from a / lda.
+cdef int gemm_columns(const lowp_plan* plan, const uint32_t* apack, bint trans_a, const uint16_t* a, long lda,
+                      bint trans_b, const lowp_columns* columns, float* c, long ldc, float scale, float beta,
+                      bint debug_overflow, long long* events) noexcept nogil

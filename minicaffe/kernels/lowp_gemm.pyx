@@ -27,6 +27,9 @@ cdef extern from "lowp_gemm.h" nogil:
     int lowp_plan_run_packed_a(const lowp_plan* plan, const uint32_t* apack, int trans_b, const uint16_t* b,
                                long ldb, float* c, long ldc, float scale, float beta, int debug_overflow,
                                long long* overflow_events)
+    int lowp_plan_run_columns(const lowp_plan* plan, const uint32_t* apack, int trans_a, const uint16_t* a,
+                              long lda, int trans_b, const lowp_columns* columns, float* c, long ldc,
+                              float scale, float beta, int debug_overflow, long long* overflow_events)
 
     int lowp_s16_supported(int variant)
     int lowp_bf16_supported(int variant)
@@ -87,6 +90,13 @@ cdef int gemm_packed_a(const lowp_plan* plan, const uint32_t* apack, bint trans_
                        float* c, long ldc, float scale, float beta, bint debug_overflow,
                        long long* events) noexcept nogil:
     return lowp_plan_run_packed_a(plan, apack, trans_b, b, ldb, c, ldc, scale, beta, debug_overflow, events)
+
+
+cdef int gemm_columns(const lowp_plan* plan, const uint32_t* apack, bint trans_a, const uint16_t* a, long lda,
+                      bint trans_b, const lowp_columns* columns, float* c, long ldc, float scale, float beta,
+                      bint debug_overflow, long long* events) noexcept nogil:
+    return lowp_plan_run_columns(plan, apack, trans_a, a, lda, trans_b, columns, c, ldc, scale, beta,
+                                 debug_overflow, events)
 
 
 def _explain_bad_operands(fn, a, b, c, operand_dtype):
