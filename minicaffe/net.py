@@ -14,6 +14,7 @@ from . import hdf5_io, prototxt
 from .precision import policy as precision_policy
 from .blob import Blob
 from .errors import MinicaffeError
+from .kernels.solver_update import fill_zero
 from .layer import create_layer, layer_class
 from .proto import minicaffe_pb2 as pb
 from .threads import blas_single_threaded
@@ -56,6 +57,7 @@ class Net:
         kept = [(lp, line) for lp, line in zip(layer_params, lines) if _state_includes(state, lp, self._where(line))]
         kept = _insert_splits(kept)
         self._build(kept, param.force_backward)
+        self._find_fused_chains()
         self._assign_precision([lp for lp, _ in kept], param, precision, precision_param,
                                precision_stats_interval)
         if weights is not None:
@@ -210,6 +212,18 @@ class Net:
             blob.share_diff(owner_blob)
         self.params[lp.name] = layer.blobs
 
+    def _find_fused_chains(self):
+        """Runs of layers executed as one kernel each way when a forward or backward range holds the
+        whole run: BatchNorm -> Scale (-> ReLU) in place on one blob (layers/normalization.py:
+        BatchNormChain) and Eltwise SUM -> ReLU (layers/structure.py: EltwiseReLUChain). Each has
+        first, last, fuses_backward, forward() and backward()."""
+        from .layers.normalization import find_batch_norm_chains
+        from .layers.structure import find_eltwise_relu_chains
+        graph = (self.layers, self.bottom_vecs, self.top_vecs, self.layer_need_backward, self.bottom_need_backward)
+        self.fused_chains = find_batch_norm_chains(*graph) + find_eltwise_relu_chains(*graph)
+        self._chain_from = {chain.first: chain for chain in self.fused_chains}
+        self._chain_to = {chain.last: chain for chain in self.fused_chains if chain.fuses_backward}
+
     def _prune_backward_outside_loss(self):
         """Skips backward where it cannot matter, as Caffe's Net::Init does.
 
@@ -242,10 +256,18 @@ class Net:
         """Runs layers [start, end] forward and returns the weighted loss, as Caffe's ForwardFromTo."""
         end = len(self.layers) - 1 if end is None else end
         with blas_single_threaded():
-            for i in range(start, end + 1):
+            i = start
+            while i <= end:
+                chain = self._chain_from.get(i)
+                last = chain.last if chain is not None and chain.last <= end else i
                 if self.before_forward is not None:
-                    self.before_forward(i)
-                self.layers[i].forward(self.bottom_vecs[i], self.top_vecs[i])
+                    for j in range(i, last + 1):
+                        self.before_forward(j)
+                if last > i:
+                    chain.forward()
+                else:
+                    self.layers[i].forward(self.bottom_vecs[i], self.top_vecs[i])
+                i = last + 1
         return self.current_loss()
 
     def seed_loss_diffs(self):
@@ -280,12 +302,20 @@ class Net:
         start = len(self.layers) - 1 if start is None else start
         self.seed_loss_diffs()
         with blas_single_threaded():
-            for i in range(start, end - 1, -1):
-                if not self.layer_need_backward[i]:
-                    continue
-                self.layers[i].backward(self.top_vecs[i], self.bottom_need_backward[i], self.bottom_vecs[i])
-                if on_layer_done is not None and self.layers[i].blobs:
-                    on_layer_done(i, self.layers[i])
+            i = start
+            while i >= end:
+                chain = self._chain_to.get(i)
+                first = chain.first if chain is not None and chain.first >= end else i
+                ran = first < i or self.layer_need_backward[i]
+                if first < i:
+                    chain.backward()
+                elif ran:
+                    self.layers[i].backward(self.top_vecs[i], self.bottom_need_backward[i], self.bottom_vecs[i])
+                if ran and on_layer_done is not None:
+                    for j in range(i, first - 1, -1):
+                        if self.layers[j].blobs:
+                            on_layer_done(j, self.layers[j])
+                i = first - 1
 
     def forward(self, blobs=None, start=None, end=None, **inputs):
         """pycaffe's ``net.forward(**inputs)``: sets input blobs, runs, returns the output blobs' data."""
@@ -337,7 +367,7 @@ class Net:
 
     def clear_param_diffs(self):
         for blob in self.learnable_params:
-            blob.diff[...] = 0
+            fill_zero(blob.diff.reshape(-1))
 
     # -- weights -----------------------------------------------------------------------------------
     def to_proto(self, write_diff=False):

@@ -222,7 +222,8 @@ class ScaleLayer(Layer):
     With one bottom the scale is learned, of shape x.shape[axis : axis + num_axes] (num_axes -1:
     through the last axis), filled by ``filler`` (default: constant 1). With two, bottom[1] is the
     scale. ``bias_term`` adds a learned bias of the scale's shape (``bias_filler``, default 0).
-    In place, the layer keeps a copy of its input for the scale gradient.
+    In place, the layer keeps a copy of its input for the scale gradient (none when a net runs it
+    fused after a BatchNorm: see BatchNormChain).
     """
 
     min_bottom = 1
@@ -241,7 +242,10 @@ class ScaleLayer(Layer):
             num_axes = p.num_axes if len(bottom) == 1 else bottom[1].num_axes
             shape = _learned_operand_shape(self, bottom[0], p.axis, num_axes)
             self.blobs.append(self.new_filled_blob(shape, "bias", p.bias_filler, "bias_filler"))
+        # In place, the input as forward saw it, for the scale's gradient: the layer's own copy, or
+        # the x_norm of a BatchNorm run fused with it (the same values).
         self.saved = None
+        self.input_copy = None
 
     def _scale(self, bottom):
         return bottom[1] if len(bottom) > 1 else self.blobs[0]
@@ -252,16 +256,19 @@ class ScaleLayer(Layer):
         if self.bias_term and _broadcast_layout(self, bottom[0], self.blobs[-1].shape, axis, "bias") != self.layout:
             raise self.error(f"bias shape {self.blobs[-1].shape} does not match scale shape "
                              f"{self._scale(bottom).shape}")
-        if bottom[0] is top[0]:
-            self.saved = _reuse(self.saved, self.layout, bottom[0].dtype)
-        else:
+        if bottom[0] is not top[0]:
             top[0].reshape(bottom[0].shape)
 
     def forward(self, bottom, top):
         x, y = bottom[0].data.reshape(self.layout), top[0].data.reshape(self.layout)
         bias = self.blobs[-1].data.reshape(-1) if self.bias_term else None
-        saved = self.saved if bottom[0] is top[0] else None
-        batchnorm.channel_affine(x, None, self._scale(bottom).data.reshape(-1), bias, y, saved, num_threads())
+        if bottom[0] is top[0]:
+            # Allocated at the first in-place forward, not in reshape: after a BatchNorm that the
+            # net runs fused with this layer (BatchNormChain), the copy is never needed.
+            self.saved = _reuse(self.saved, self.layout, bottom[0].dtype)
+            self.input_copy = self.saved
+        batchnorm.channel_affine(x, None, self._scale(bottom).data.reshape(-1), bias, y,
+                                 self.input_copy if bottom[0] is top[0] else None, num_threads())
 
     def backward(self, top, propagate_down, bottom):
         scale = self._scale(bottom)
@@ -275,7 +282,7 @@ class ScaleLayer(Layer):
             scale_diff = None
         learn_bias = self.bias_term and self.param_propagate_down[-1]
         bias_diff = self.blobs[-1].diff.reshape(-1) if learn_bias else None
-        x = self.saved if bottom[0] is top[0] else bottom[0].data.reshape(self.layout)
+        x = self.input_copy if bottom[0] is top[0] else bottom[0].data.reshape(self.layout)
         batchnorm.scale_backward(top[0].diff.reshape(self.layout), x, scale.data.reshape(-1),
                                  bottom[0].diff.reshape(self.layout) if propagate_down[0] else None,
                                  scale_diff, bias_diff, num_threads())
@@ -321,3 +328,106 @@ class BiasLayer(Layer):
             batchnorm.channel_sums(dy, bottom[1].diff.reshape(-1), num_threads())
         if propagate_down[0] and bottom[0] is not top[0]:
             np.copyto(bottom[0].diff, top[0].diff)
+
+
+# -- BatchNorm -> Scale (-> ReLU) as one pass ------------------------------------------------------
+
+class BatchNormChain:
+    """A BatchNorm with batch statistics, the Scale right after it and optionally a ReLU after that,
+    all in place on one blob, which a net runs as one kernel forward and one backward
+    (``find_batch_norm_chains``): one read of the blob and two writes forward instead of three reads
+    and five writes; two reads (the gradient and x_norm) and a write backward instead of six reads
+    and three writes.
+
+    An execution detail only: the layers, their blobs and parameters stay as they are, the results
+    equal running them one by one (within float rounding), and each layer's own forward and backward
+    still work alone (a net runs them so for a range that cuts a chain). Forward leaves the Scale's
+    input where the Scale's own backward expects it, the BatchNorm's x_norm being exactly that.
+    """
+
+    def __init__(self, first, blob, batch_norm, scale, relu):
+        self.first = first
+        self.last = first + (2 if relu is not None else 1)
+        self.blob = blob
+        self.batch_norm, self.scale, self.relu = batch_norm, scale, relu
+        self.negative_slope = relu.negative_slope if relu is not None else 0.0
+        self.fuses_backward = True
+
+    def _layout(self):
+        """The (num, channels, spatial) view both layers use, or None when a reshape made the Scale's
+        differ from the BatchNorm's (then the layers run one by one)."""
+        layout = self.batch_norm._layout(self.blob.shape)
+        return layout if self.scale.layout == layout else None
+
+    def _layers(self):
+        return [layer for layer in (self.batch_norm, self.scale, self.relu) if layer is not None]
+
+    def forward(self):
+        """Runs the chain's layers forward, as Net.forward_layers would one by one."""
+        blob, layout = self.blob, self._layout()
+        if layout is None:
+            for layer in self._layers():
+                layer.forward([blob], [blob])
+            return
+        bn, scale = self.batch_norm, self.scale
+        x = blob.data.reshape(layout)
+        shift = scale.blobs[-1].data.reshape(-1) if scale.bias_term else None
+        batchnorm.batch_norm_forward(x, x, bn.x_norm, bn.mean, bn.variance, bn.inv_std, bn.eps, num_threads(),
+                                     scale=scale.blobs[0].data.reshape(-1), shift=shift,
+                                     relu=self.relu is not None, negative_slope=self.negative_slope)
+        bn._update_running_sums(layout[0] * layout[2])
+        scale.input_copy = bn.x_norm
+
+    def backward(self):
+        """Runs the chain's layers backward, as Net.backward_layers would one by one."""
+        blob, layout = self.blob, self._layout()
+        if layout is None:
+            for layer in reversed(self._layers()):
+                layer.backward([blob], [True], [blob])
+            return
+        bn, scale = self.batch_norm, self.scale
+        learn = scale.param_propagate_down
+        dy = blob.diff.reshape(layout)
+        batchnorm.batch_norm_backward(
+            dy, bn.x_norm, bn.inv_std, dy, num_threads(), scale=scale.blobs[0].data.reshape(-1),
+            shift=scale.blobs[-1].data.reshape(-1) if scale.bias_term else None,
+            scale_diff=scale.blobs[0].diff.reshape(-1) if learn[0] else None,
+            shift_diff=scale.blobs[-1].diff.reshape(-1) if scale.bias_term and learn[-1] else None,
+            relu=self.relu is not None, negative_slope=self.negative_slope)
+
+
+def find_batch_norm_chains(layers, bottom_vecs, top_vecs, layer_need_backward, bottom_need_backward):
+    """The BatchNormChains among a net's layers (lists indexed by layer, as Net keeps them).
+
+    A chain is a BatchNorm using batch statistics, in place on blob B, then a Scale with a learned
+    per-channel scale in place on B, then optionally a ReLU (negative_slope >= 0) in place on B,
+    consecutive. Its backward is fused only where every member runs backward into B (otherwise each
+    layer runs its own).
+    """
+    from minicaffe.layers.activation import ReLULayer
+
+    def in_place_on(i, blob):
+        return (i < len(layers) and len(bottom_vecs[i]) == 1 and len(top_vecs[i]) == 1
+                and bottom_vecs[i][0] is blob and top_vecs[i][0] is blob)
+
+    chains = []
+    i = 0
+    while i < len(layers):
+        bn = layers[i]
+        blob = bottom_vecs[i][0] if len(bottom_vecs[i]) == 1 else None
+        starts_chain = (type(bn) is BatchNormLayer and not bn.use_global_stats and in_place_on(i, blob)
+                        and in_place_on(i + 1, blob) and type(layers[i + 1]) is ScaleLayer
+                        and layers[i + 1].layout == bn._layout(blob.shape))
+        if not starts_chain:
+            i += 1
+            continue
+        # In place, ReLU's backward masks by the sign of its output: the sign of its input only for a
+        # slope >= 0, and the fused backward uses the input.
+        relu = layers[i + 2] if in_place_on(i + 2, blob) and type(layers[i + 2]) is ReLULayer and \
+            layers[i + 2].negative_slope >= 0 else None
+        chain = BatchNormChain(i, blob, bn, layers[i + 1], relu)
+        members = range(chain.first, chain.last + 1)
+        chain.fuses_backward = all(layer_need_backward[j] and bottom_need_backward[j][0] for j in members)
+        chains.append(chain)
+        i = chain.last + 1
+    return chains

@@ -3,6 +3,8 @@ Reshape, Crop, Tile and Silence layers."""
 import numpy as np
 
 from minicaffe.errors import MinicaffeError
+from minicaffe.kernels import structure as kernels
+from minicaffe.kernels.parallel import num_threads
 from minicaffe.layer import Layer, register
 from minicaffe.proto import minicaffe_pb2 as pb
 
@@ -108,11 +110,9 @@ class EltwiseLayer(Layer):
         top[0].reshape(shape)
         if self.winner.shape != shape and self.operation == ELTWISE.MAX:
             self.winner = np.zeros(shape, np.int32)
-        needs_scratch = self.operation == ELTWISE.MAX or any(c != 1 for c in self.coeffs[1:])
-        if needs_scratch and self.scratch.shape != shape:
-            # MAX keeps its comparisons here, SUM its scaled bottoms.
-            dtype = bool if self.operation == ELTWISE.MAX else bottom[0].dtype
-            self.scratch = np.zeros(shape, dtype)
+        if self.operation == ELTWISE.MAX and self.scratch.shape != shape:
+            # MAX keeps its comparisons here.
+            self.scratch = np.zeros(shape, bool)
 
     def forward(self, bottom, top):
         y = top[0].data
@@ -121,12 +121,11 @@ class EltwiseLayer(Layer):
             for b in bottom[2:]:
                 np.multiply(y, b.data, out=y)
         elif self.operation == ELTWISE.SUM:
-            total = bottom[0].data
-            if self.coeffs[0] != 1:
-                total = np.multiply(total, self.coeffs[0], out=y)
-            for b, c in zip(bottom[1:], self.coeffs[1:]):
-                term = b.data if c == 1 else np.multiply(b.data, c, out=self.scratch)
-                total = np.add(total, term, out=y)
+            flat_y, c = y.reshape(-1), self.coeffs
+            kernels.weighted_sum(bottom[0].data.reshape(-1), c[0], bottom[1].data.reshape(-1), c[1], flat_y,
+                                 num_threads())
+            for b, coeff in zip(bottom[2:], c[2:]):
+                kernels.weighted_sum(flat_y, 1.0, b.data.reshape(-1), coeff, flat_y, num_threads())
         else:
             np.maximum(bottom[0].data, bottom[1].data, out=y)
             np.less_equal(bottom[0].data, bottom[1].data, out=self.winner, casting="unsafe")
@@ -137,6 +136,9 @@ class EltwiseLayer(Layer):
 
     def backward(self, top, propagate_down, bottom):
         dy = top[0].diff
+        if self.operation == ELTWISE.SUM:
+            self._sum_backward(dy.reshape(-1), propagate_down, bottom)
+            return
         for i, b in enumerate(bottom):
             if not propagate_down[i]:
                 continue
@@ -150,11 +152,61 @@ class EltwiseLayer(Layer):
                 else:
                     np.divide(top[0].data, b.data, out=dx)
                 np.multiply(dx, dy, out=dx)
-            elif self.operation == ELTWISE.SUM:
-                np.multiply(dy, self.coeffs[i], out=dx)
             else:
                 np.multiply(dy, np.equal(self.winner, i, out=self.scratch), out=dx)
 
+    def _sum_backward(self, dy, propagate_down, bottom):
+        """dx_i = coeff_i * dy, two bottoms per read of dy."""
+        wanted = [(b.diff.reshape(-1), c) for b, c, down in zip(bottom, self.coeffs, propagate_down) if down]
+        for k in range(0, len(wanted), 2):
+            (dx, coeff), (other_dx, other_coeff) = wanted[k], wanted[k + 1] if k + 1 < len(wanted) else (None, 0.0)
+            kernels.scaled_copies(dy, dx, coeff, other_dx, other_coeff, num_threads())
+
+
+class EltwiseReLUChain:
+    """An Eltwise SUM of two bottoms and a ReLU (negative_slope >= 0) in place on its top, which a
+    net runs as one pass each way (``find_eltwise_relu_chains``), giving the same bits as the two
+    layers one by one. Forward reads the bottoms and writes the top once, without the ReLU's second
+    pass over the top; backward reads the top's data and diff once and writes the ReLU's gradient
+    back to the top's diff (as the ReLU would) and to the bottoms' diffs.
+    """
+
+    def __init__(self, first, eltwise, relu, bottoms, top, propagate_down):
+        self.first, self.last = first, first + 1
+        self.eltwise, self.relu = eltwise, relu
+        self.bottoms, self.top, self.propagate_down = bottoms, top, propagate_down
+        self.fuses_backward = True
+
+    def forward(self):
+        (a, b), (ca, cb) = self.bottoms, self.eltwise.coeffs
+        kernels.weighted_sum(a.data.reshape(-1), ca, b.data.reshape(-1), cb, self.top.data.reshape(-1),
+                             num_threads(), relu=True, negative_slope=self.relu.negative_slope)
+
+    def backward(self):
+        wanted = [(b.diff.reshape(-1), c) for b, c, down in zip(self.bottoms, self.eltwise.coeffs,
+                                                                 self.propagate_down) if down]
+        (dx, coeff), (other_dx, other_coeff) = wanted[0], wanted[1] if len(wanted) > 1 else (None, 0.0)
+        kernels.scaled_copies(self.top.diff.reshape(-1), dx, coeff, other_dx, other_coeff, num_threads(),
+                              relu_output=self.top.data.reshape(-1), negative_slope=self.relu.negative_slope)
+
+
+def find_eltwise_relu_chains(layers, bottom_vecs, top_vecs, layer_need_backward, bottom_need_backward):
+    """The EltwiseReLUChains among a net's layers (lists indexed by layer, as Net keeps them): an
+    Eltwise SUM of two bottoms right before a ReLU in place on its top. In place, ReLU's backward
+    masks by its output's sign, which is its input's only for a slope >= 0; the fused backward needs
+    that. Its backward is fused where both layers run backward (otherwise each runs its own)."""
+    from minicaffe.layers.activation import ReLULayer
+    chains = []
+    for i in range(len(layers) - 1):
+        eltwise, relu = layers[i], layers[i + 1]
+        if not (type(eltwise) is EltwiseLayer and eltwise.operation == ELTWISE.SUM and len(bottom_vecs[i]) == 2
+                and type(relu) is ReLULayer and relu.negative_slope >= 0 and len(bottom_vecs[i + 1]) == 1
+                and bottom_vecs[i + 1][0] is top_vecs[i][0] and top_vecs[i + 1][0] is top_vecs[i][0]):
+            continue
+        chain = EltwiseReLUChain(i, eltwise, relu, bottom_vecs[i], top_vecs[i][0], bottom_need_backward[i])
+        chain.fuses_backward = layer_need_backward[i] and layer_need_backward[i + 1] and bottom_need_backward[i + 1][0]
+        chains.append(chain)
+    return chains
 
 @register("Concat")
 class ConcatLayer(Layer):
