@@ -268,20 +268,29 @@ def time_net(args):
         with blas_single_threaded():
             for j in range(args.iterations):
                 start = clock()
-                for i, layer in enumerate(net.layers):
+                # A fused chain (BatchNorm -> Scale -> ReLU, ...) runs as one kernel: its time goes
+                # to its first layer forward and its last backward, the others' rows read 0.
+                for first, last, run in net.forward_units():
                     t = clock()
-                    layer.forward(net.bottom_vecs[i], net.top_vecs[i])
-                    forward_ms[i].append((clock() - t) * 1e3)
+                    run()
+                    forward_ms[first].append((clock() - t) * 1e3)
+                    for i in range(first + 1, last + 1):
+                        forward_ms[i].append(0.0)
                 net.seed_loss_diffs()
-                for i in reversed(range(n)):
+                for last, first, run in net.backward_units():
                     t = clock()
-                    if net.layer_need_backward[i]:
-                        net.layers[i].backward(net.top_vecs[i], net.bottom_need_backward[i], net.bottom_vecs[i])
-                    backward_ms[i].append((clock() - t) * 1e3)
+                    if run is not None:
+                        run()
+                    backward_ms[last].append((clock() - t) * 1e3)
+                    for i in range(first, last):
+                        backward_ms[i].append(0.0)
                 iteration_ms.append((clock() - start) * 1e3)
                 log.info(f"Iteration: {j + 1} forward-backward time: {iteration_ms[-1]:.4g} ms.")
         mean = lambda xs: sum(xs) / len(xs)
         log.info("Average time per layer: ")
+        if net.fused_chains:
+            log.info(f"{len(net.fused_chains)} fused chains: each timed under its first layer's forward "
+                     f"and its last layer's backward")
         for name, f, b in zip(net.layer_names, forward_ms, backward_ms):
             log.info(f"{name:>10}\tforward: {mean(f):.6g} ms.")
             log.info(f"{name:>10}\tbackward: {mean(b):.6g} ms.")

@@ -6,6 +6,7 @@ layers, create each layer from the registry, wire bottoms and tops (a top named 
 in place), set up and reshape every layer, and decide which layers need a backward pass.
 """
 import collections
+import functools
 import os
 
 import numpy as np
@@ -252,22 +253,43 @@ class Net:
     # Called with a layer's index just before it runs forward: the communicator's deferred updates.
     before_forward = None
 
+    def forward_units(self, start=0, end=None):
+        """The forward pass over layers [start, end] as (first, last, run) steps: a fused chain
+        (``fused_chains``) that lies wholly in the range is one step, every other layer its own."""
+        end = len(self.layers) - 1 if end is None else end
+        i = start
+        while i <= end:
+            chain = self._chain_from.get(i)
+            if chain is not None and chain.last <= end:
+                yield i, chain.last, chain.forward
+            else:
+                yield i, i, functools.partial(self.layers[i].forward, self.bottom_vecs[i], self.top_vecs[i])
+            i = (chain.last if chain is not None and chain.last <= end else i) + 1
+
+    def backward_units(self, start=None, end=0):
+        """The backward pass over layers [end, start], in reverse, as (last, first, run) steps; run is
+        None for a layer that needs no backward."""
+        start = len(self.layers) - 1 if start is None else start
+        i = start
+        while i >= end:
+            chain = self._chain_to.get(i)
+            if chain is not None and chain.first >= end:
+                yield i, chain.first, chain.backward
+                i = chain.first - 1
+                continue
+            run = (functools.partial(self.layers[i].backward, self.top_vecs[i], self.bottom_need_backward[i],
+                                     self.bottom_vecs[i]) if self.layer_need_backward[i] else None)
+            yield i, i, run
+            i -= 1
+
     def forward_layers(self, start=0, end=None):
         """Runs layers [start, end] forward and returns the weighted loss, as Caffe's ForwardFromTo."""
-        end = len(self.layers) - 1 if end is None else end
         with blas_single_threaded():
-            i = start
-            while i <= end:
-                chain = self._chain_from.get(i)
-                last = chain.last if chain is not None and chain.last <= end else i
+            for first, last, run in self.forward_units(start, end):
                 if self.before_forward is not None:
-                    for j in range(i, last + 1):
+                    for j in range(first, last + 1):
                         self.before_forward(j)
-                if last > i:
-                    chain.forward()
-                else:
-                    self.layers[i].forward(self.bottom_vecs[i], self.top_vecs[i])
-                i = last + 1
+                run()
         return self.current_loss()
 
     def seed_loss_diffs(self):
@@ -299,23 +321,16 @@ class Net:
         ``on_layer_done(layer_index, layer)`` is called as soon as a layer's parameter gradients are
         final; the communicator hooks in here to start that layer's gradient allreduce.
         """
-        start = len(self.layers) - 1 if start is None else start
         self.seed_loss_diffs()
         with blas_single_threaded():
-            i = start
-            while i >= end:
-                chain = self._chain_to.get(i)
-                first = chain.first if chain is not None and chain.first >= end else i
-                ran = first < i or self.layer_need_backward[i]
-                if first < i:
-                    chain.backward()
-                elif ran:
-                    self.layers[i].backward(self.top_vecs[i], self.bottom_need_backward[i], self.bottom_vecs[i])
-                if ran and on_layer_done is not None:
-                    for j in range(i, first - 1, -1):
+            for last, first, run in self.backward_units(start, end):
+                if run is None:
+                    continue
+                run()
+                if on_layer_done is not None:
+                    for j in range(last, first - 1, -1):
                         if self.layers[j].blobs:
                             on_layer_done(j, self.layers[j])
-                i = first - 1
 
     def forward(self, blobs=None, start=None, end=None, **inputs):
         """pycaffe's ``net.forward(**inputs)``: sets input blobs, runs, returns the output blobs' data."""
