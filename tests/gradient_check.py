@@ -90,3 +90,20 @@ def check_gradient(layer, bottoms, tops, step=None, threshold=None, check_bottom
                 f"{layer.name or layer.type_name}: {label} index {np.unravel_index(k, blob.shape)}: "
                 f"analytic {computed:.8g} vs numeric {numeric:.8g}")
     layer.forward(bottoms, tops)
+
+
+def check_net_param_gradients(net, blobs, every=1, step=1e-6, tolerance=1e-5):
+    """The loss gradient of a whole (float64) net against central differences, for every
+    ``every``-th value of each blob in ``blobs``: net.forward_backward() must have filled the diffs."""
+    for blob in blobs:
+        analytic = blob.diff.copy().reshape(-1)
+        flat = blob.data.reshape(-1)
+        for k in range(0, flat.size, every):
+            saved = flat[k]
+            flat[k] = saved + step
+            plus = net.forward_layers()
+            flat[k] = saved - step
+            minus = net.forward_layers()
+            flat[k] = saved
+            numeric = (plus - minus) / (2 * step)
+            assert abs(numeric - analytic[k]) <= tolerance * max(1, abs(analytic[k])), (blob.name, k)
