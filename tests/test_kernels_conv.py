@@ -349,10 +349,13 @@ def test_winograd_error_in_float32_is_near_the_direct_convolutions(threads):
     x, w, bias, dy = random_conv((8, 256, 12, 12), (64, (3, 3)), *args, np.float32)
     exact = conv_ref(x, w, bias, *args)
     dx_ref, dw_ref, _ = conv_backward_ref(x, w, dy, *args)
-    winograd = (run_forward(x, w, bias, *args), *run_backward(x, w, dy, *args)[:2])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(conv, "WINOGRAD_MIN_CHANNELS", 1)
+        winograd = (run_forward(x, w, bias, *args), *run_backward(x, w, dy, *args)[:2])
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(conv, "WINOGRAD_MIN_CHANNELS", 10 ** 6)
         direct = (run_forward(x, w, bias, *args), *run_backward(x, w, dy, *args)[:2])
+    assert not np.array_equal(winograd[0], direct[0])  # the two paths really differ
     for got, baseline, reference in zip(winograd, direct, (exact, dx_ref, dw_ref)):
         assert not np.array_equal(got, baseline)    # the two algorithms really differ
         scale = np.abs(reference).max()

@@ -34,12 +34,22 @@ from minicaffe.kernels.parallel import num_threads
 # Per-thread column buffers larger than this in total (a big image on many threads) switch every
 # image to the inside-one-image split, which needs a single buffer.
 COL_BUDGET_BYTES = 256 << 20
-# 3x3 stride-1 convolutions with at least this many input and output channels, output positions
-# per image and 2x2 output tiles over the batch run as Winograd F(2x2, 3x3) (see its section). Below
-# them the transforms of the tiles and of the filters cost more than the GEMM time saved (measured:
-# the 16-64-channel layers of the Fashion-MNIST ResNet ran 45% slower, VGG-16's conv5 at batch 4
-# (196 tiles) and ResNet-50's res5 (7x7) 10-40% slower; VGG-16's conv2-4 ran 1.4-1.6x faster).
-WINOGRAD_MIN_CHANNELS = 64
+# 3x3 stride-1 convolutions with at least WINOGRAD_MIN_CHANNELS input and output channels, or at
+# least WINOGRAD_LARGE_IMAGE_MIN_CHANNELS on images of at least WINOGRAD_LARGE_IMAGE output
+# positions, and with WINOGRAD_MIN_SPATIAL output positions per image and WINOGRAD_MIN_TILES 2x2
+# output tiles over the batch, run as Winograd F(2x2, 3x3) (see its section). Elsewhere the
+# transforms of the tiles and filters, which are bound by memory and gain little from a second
+# thread, cost more than the GEMM time saved. Measured (forward + backward, one process, Winograd
+# against im2col + GEMM): ResNet-50's 64-channel 56x56 layers 63 -> 40 ms at 1 thread, 39 -> 29 at
+# 2; its 128-channel 28x28 layers equal at 1 thread, 24 -> 20 ms at 2; the whole ResNet-50 1014 ->
+# 855 ms and GoogLeNet 446 -> 382 ms at 2 threads (at 1 thread -3% and +3%); while VGG-16's layers
+# (64 channels at 224x224, 128 at 112x112, 256-512 at 56x56 and 28x28) ran 1.1-1.6x faster as
+# Winograd, as did ResNet-50's 256-channel 14x14 layers (1.08x); the 16-64-channel layers of the
+# Fashion-MNIST ResNet ran 45% slower, VGG-16's conv5 at batch 4 (196 tiles) and ResNet-50's res5
+# (7x7) 10-40% slower.
+WINOGRAD_MIN_CHANNELS = 256
+WINOGRAD_LARGE_IMAGE = 112 * 112
+WINOGRAD_LARGE_IMAGE_MIN_CHANNELS = 64
 WINOGRAD_MIN_SPATIAL = 144
 WINOGRAD_MIN_TILES = 256
 # Winograd tiles go through the transforms and the GEMMs in blocks whose transformed windows take
@@ -94,7 +104,9 @@ cdef int make_plan(Plan* p, tuple x_shape, tuple w_shape, tuple pad, tuple strid
         p.workers = 0
     p.winograd = (kh == 3 and kw == 3 and tuple(stride) == (1, 1) and tuple(dilation) == (1, 1)
                   and group == 1 and 0 <= pad[0] <= 2 and 0 <= pad[1] <= 2
-                  and min(c, m) >= WINOGRAD_MIN_CHANNELS and p.spatial >= WINOGRAD_MIN_SPATIAL
+                  and (min(c, m) >= WINOGRAD_MIN_CHANNELS
+                       or (min(c, m) >= WINOGRAD_LARGE_IMAGE_MIN_CHANNELS and p.spatial >= WINOGRAD_LARGE_IMAGE))
+                  and p.spatial >= WINOGRAD_MIN_SPATIAL
                   and n * ((p.geom.out_h + 1) // 2) * ((p.geom.out_w + 1) // 2) >= WINOGRAD_MIN_TILES)
     if p.winograd:
         tiles = n * max(((p.geom.out_h + 1) // 2) * ((p.geom.out_w + 1) // 2), ((h + 1) // 2) * ((w_ + 1) // 2))
