@@ -92,9 +92,13 @@ def check_gradient(layer, bottoms, tops, step=None, threshold=None, check_bottom
     layer.forward(bottoms, tops)
 
 
-def check_net_param_gradients(net, blobs, every=1, step=1e-6, tolerance=1e-5):
-    """The loss gradient of a whole (float64) net against central differences, for every
-    ``every``-th value of each blob in ``blobs``: net.forward_backward() must have filled the diffs."""
+
+def check_net_gradient(net, blobs, step=1e-5, tolerance=1e-6, every=1):
+    """Whole-net finite differences: the gradient of the total weighted loss with respect to every
+    ``every``-th value of each blob in ``blobs`` (parameters or inputs; a float64 net) against
+    central differences of ``net.forward_layers()``."""
+    net.clear_param_diffs()
+    net.forward_backward()
     for blob in blobs:
         analytic = blob.diff.copy().reshape(-1)
         flat = blob.data.reshape(-1)
@@ -106,4 +110,4 @@ def check_net_param_gradients(net, blobs, every=1, step=1e-6, tolerance=1e-5):
             minus = net.forward_layers()
             flat[k] = saved
             numeric = (plus - minus) / (2 * step)
-            assert abs(numeric - analytic[k]) <= tolerance * max(1, abs(analytic[k])), (blob.name, k)
+            assert abs(numeric - analytic[k]) <= tolerance * max(1, abs(numeric)), (blob.name, k)

@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 from google.protobuf import text_format
+from gradient_check import check_net_gradient
 
 import minicaffe
 from minicaffe.blob import blob_dtype
@@ -35,24 +36,6 @@ def feed(net, seed=0):
     rng = np.random.default_rng(seed)
     net.blobs["data"].data[...] = rng.standard_normal(net.blobs["data"].shape)
     net.blobs["label"].data[...] = rng.integers(0, 3, size=net.blobs["label"].shape)
-
-
-def check_net_gradient(net, names, step=1e-5, tol=1e-6):
-    """Whole-net finite differences of the total weighted loss w.r.t. the named parameter/input blobs."""
-    net.clear_param_diffs()
-    net.forward_backward()
-    for blob in names:
-        analytic = blob.diff.copy()
-        flat = blob.data.reshape(-1)
-        for k in range(flat.size):
-            x = flat[k]
-            flat[k] = x + step
-            plus = net.forward_layers()
-            flat[k] = x - step
-            minus = net.forward_layers()
-            flat[k] = x
-            numeric = (plus - minus) / (2 * step)
-            assert abs(numeric - analytic.reshape(-1)[k]) <= tol * max(1, abs(numeric)), (blob.name, k)
 
 
 def test_phase_rules_levels_and_stages():
