@@ -30,28 +30,30 @@ def fill_uniform(floating[::1] out, double low, double high, uint64_t key, int n
     Computed in the buffer's precision, so a float32 value can round up to ``high`` itself when
     |low| is large against high - low, as NumPy's ``random() * (high - low) + low`` can.
     """
-    cdef Py_ssize_t n = out.shape[0], chunks = (n + CHUNK - 1) // CHUNK, c, start
-    if n == 0:
-        return
-    with nogil:
-        for c in prange(chunks, schedule="static", num_threads=team_size(chunks, num_threads)):
-            start = c * CHUNK
-            if floating is float:
-                fill_uniform_f32(&out[0], start, min(start + CHUNK, n), key, <float>low,
-                                 <float>(high - low))
-            else:
-                fill_uniform_f64(&out[0], start, min(start + CHUNK, n), key, low, high - low)
+    _fill(out, False, low, high - low, key, num_threads)
 
 
 def fill_normal(floating[::1] out, double mean, double std, uint64_t key, int num_threads):
     """out[i] = mean + std * Z_i with Z_i standard normal (Box-Muller)."""
-    cdef Py_ssize_t n = out.shape[0], chunks = (n + CHUNK - 1) // CHUNK, c, start
+    _fill(out, True, mean, std, key, num_threads)
+
+
+cdef void _fill(floating[::1] out, bint normal, double offset, double scale, uint64_t key,
+                int num_threads) noexcept:
+    """offset + scale * (a normal or a uniform draw) into ``out``, chunk by chunk over the threads."""
+    cdef Py_ssize_t n = out.shape[0], chunks = (n + CHUNK - 1) // CHUNK, c, start, end
     if n == 0:
         return
     with nogil:
         for c in prange(chunks, schedule="static", num_threads=team_size(chunks, num_threads)):
             start = c * CHUNK
+            end = min(start + CHUNK, n)
             if floating is float:
-                fill_normal_f32(&out[0], start, min(start + CHUNK, n), key, <float>mean, <float>std)
+                if normal:
+                    fill_normal_f32(&out[0], start, end, key, <float>offset, <float>scale)
+                else:
+                    fill_uniform_f32(&out[0], start, end, key, <float>offset, <float>scale)
+            elif normal:
+                fill_normal_f64(&out[0], start, end, key, offset, scale)
             else:
-                fill_normal_f64(&out[0], start, min(start + CHUNK, n), key, mean, std)
+                fill_uniform_f64(&out[0], start, end, key, offset, scale)
