@@ -216,8 +216,9 @@ class Net:
     def _find_fused_chains(self):
         """Runs of layers executed as one kernel each way when a forward or backward range holds the
         whole run: BatchNorm -> Scale (-> ReLU) in place on one blob (layers/normalization.py:
-        BatchNormChain) and Eltwise SUM -> ReLU (layers/structure.py: EltwiseReLUChain). Each has
-        first, last, fuses_backward, forward() and backward()."""
+        BatchNormChain) and Eltwise SUM -> ReLU (-> the Split of its top, whose backward sums into
+        the same pass; layers/structure.py: EltwiseReLUChain). Each has first, last, fuses_backward,
+        forward() and backward()."""
         from .layers.normalization import find_batch_norm_chains
         from .layers.structure import find_eltwise_relu_chains
         graph = (self.layers, self.bottom_vecs, self.top_vecs, self.layer_need_backward, self.bottom_need_backward)

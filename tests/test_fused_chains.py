@@ -1,5 +1,5 @@
-"""Layers a net runs fused, BatchNorm -> Scale (-> ReLU) and Eltwise SUM -> ReLU: the fused kernels
-against NumPy references, and nets that fuse against the same nets run layer by layer
+"""Layers a net runs fused, BatchNorm -> Scale (-> ReLU) and Eltwise SUM -> ReLU (-> Split): the fused
+kernels against NumPy references, and nets that fuse against the same nets run layer by layer
 (layers/normalization.py: BatchNormChain, layers/structure.py: EltwiseReLUChain,
 Net._find_fused_chains)."""
 import numpy as np
@@ -356,3 +356,188 @@ def test_a_fused_eltwise_relu_gives_the_layers_bits(options):
 ])
 def test_eltwise_relu_pairs_that_do_not_qualify_are_not_fused(options):
     assert residual_net(**options).fused_chains == []
+
+
+# -- Eltwise SUM -> ReLU -> Split ------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("coeffs, slope", [((1.0, 1.0), 0.0), ((0.5, -2.0), 0.0), ((1.0, 1.0), 0.1)])
+@pytest.mark.parametrize("tops", [1, 2, 3, 5])
+@pytest.mark.parametrize("two_bottoms", [True, False])
+@pytest.mark.parametrize("offsets", [(0, 0, 0), (5, 5, 5), (0, 1, 2)])
+def test_summed_scaled_copies_matches_reference(dtype, coeffs, slope, tops, two_bottoms, offsets):
+    """The outputs at the offsets (in elements) from a 64-byte boundary: aligned alike, they take
+    the streaming stores where the CPU has them, after a head loop unless at 0; unlike, plain ones."""
+    n = 2048 * 17 + 9
+    summands = [random(n, dtype, 30 + k) for k in range(tops)]
+    y = random(n, dtype, 29)
+    y[::7] = 0   # ReLU's output is 0 wherever it clipped
+    dy, da, db = (aligned_array(n, dtype, offset) for offset in offsets)
+    structure.summed_scaled_copies(summands, dy, y, da, coeffs[0], db if two_bottoms else None, coeffs[1], THREADS,
+                                   negative_slope=slope)
+    # The Split's sum, then the ReLU's gradient, in the element type, as the layers compute them.
+    total = summands[0].copy()
+    for s in summands[1:]:
+        total = total + s
+    g = np.where(y > 0, total, total * dtype(slope))
+    np.testing.assert_array_equal(dy, g)
+    np.testing.assert_array_equal(da, g * dtype(coeffs[0]))
+    if two_bottoms:
+        np.testing.assert_array_equal(db, g * dtype(coeffs[1]))
+
+
+def aligned_array(n, dtype, offset):
+    """An array of n NaNs whose first element lies offset elements past a 64-byte boundary."""
+    raw = np.full(n + offset + 64, np.nan, dtype)
+    skip = (-raw.ctypes.data % 64) // raw.itemsize
+    return raw[skip + offset:skip + offset + n]
+
+
+def test_summed_scaled_copies_gives_the_same_bits_for_any_thread_count():
+    n = 2048 * 5 + 3
+    summands = [random(n, np.float32, 34 + k) for k in range(3)]
+    y = random(n, np.float32, 33)
+    results = []
+    for threads in (1, 2, 3):
+        dy, da, db = np.empty_like(y), np.empty_like(y), np.empty_like(y)
+        structure.summed_scaled_copies(summands, dy, y, da, 0.3, db, 1.7, threads, negative_slope=0.2)
+        results.append((dy, da, db))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_summed_scaled_copies_rejects_mismatched_sizes():
+    x = np.zeros(10, np.float32)
+    with pytest.raises(ValueError, match="differ in size"):
+        structure.summed_scaled_copies([x, np.zeros(9, np.float32)], x.copy(), x, x.copy(), 1.0, None, 0.0, 1)
+    with pytest.raises(ValueError, match="no summands"):
+        structure.summed_scaled_copies([], x.copy(), x, x.copy(), 1.0, None, 0.0, 1)
+
+
+SPLIT_CONSUMERS = {   # by the number of the Split's tops
+    # The net inserts a Split of "sum" with a top for conv2 and one for sum2, as in a ResNet block.
+    2: """
+        layer { name: "conv2" type: "Convolution" bottom: "sum" top: "b2"
+                convolution_param { num_output: 3 kernel_size: 1 weight_filler { type: "gaussian" } } }
+        layer { name: "sum2" type: "Eltwise" bottom: "sum" bottom: "b2" top: "sum2" }
+        layer { name: "loss" type: "EuclideanLoss" bottom: "sum2" bottom: "target" top: "loss" }""",
+    3: """
+        layer { name: "conv2" type: "Convolution" bottom: "sum" top: "b2"
+                convolution_param { num_output: 3 kernel_size: 1 weight_filler { type: "gaussian" } } }
+        layer { name: "conv3" type: "Convolution" bottom: "sum" top: "b3"
+                convolution_param { num_output: 3 kernel_size: 3 pad: 1 weight_filler { type: "gaussian" } } }
+        layer { name: "sum2" type: "Eltwise" bottom: "sum" bottom: "b2" bottom: "b3" top: "sum2" }
+        layer { name: "loss" type: "EuclideanLoss" bottom: "sum2" bottom: "target" top: "loss" }""",
+    4: """
+        layer { name: "conv2" type: "Convolution" bottom: "sum" top: "b2"
+                convolution_param { num_output: 3 kernel_size: 1 weight_filler { type: "gaussian" } } }
+        layer { name: "conv3" type: "Convolution" bottom: "sum" top: "b3"
+                convolution_param { num_output: 3 kernel_size: 1 weight_filler { type: "gaussian" } } }
+        layer { name: "conv4" type: "Convolution" bottom: "sum" top: "b4"
+                convolution_param { num_output: 3 kernel_size: 1 weight_filler { type: "gaussian" } } }
+        layer { name: "sum2" type: "Eltwise" bottom: "sum" bottom: "b2" bottom: "b3" bottom: "b4" top: "sum2" }
+        layer { name: "loss" type: "EuclideanLoss" bottom: "sum2" bottom: "target" top: "loss" }""",
+    # A Split written in the prototxt, with a single top.
+    1: """
+        layer { name: "copy" type: "Split" bottom: "sum" top: "copy" }
+        layer { name: "loss" type: "EuclideanLoss" bottom: "copy" bottom: "target" top: "loss" }""",
+}
+
+
+def split_net(consumers=2, eltwise="", relu="", data_gradient=False, dtype=np.float32,
+              shape=(2, 3, 70, 40), seed=7, consumer_layers=None):
+    """Eltwise SUM (data, conv(data)) -> ReLU in place on "sum" -> a Split of "sum" (layers 4, 5, 6)
+    -> the layers of SPLIT_CONSUMERS[consumers], or consumer_layers."""
+    dims = " ".join(f"dim: {d}" for d in shape)
+    text = f"""
+        force_backward: {str(data_gradient).lower()}
+        layer {{ name: "data" type: "Input" top: "data" input_param {{ shape {{ {dims} }} }} }}
+        layer {{ name: "target" type: "Input" top: "target" input_param {{ shape {{ {dims} }} }} }}
+        layer {{ name: "conv" type: "Convolution" bottom: "data" top: "branch"
+                convolution_param {{ num_output: 3 kernel_size: 3 pad: 1 weight_filler {{ type: "gaussian" }} }} }}
+        layer {{ name: "sum" type: "Eltwise" bottom: "data" bottom: "branch" top: "sum" {eltwise} }}
+        layer {{ name: "relu" type: "ReLU" bottom: "sum" top: "sum" {relu} }}
+        {consumer_layers or SPLIT_CONSUMERS[consumers]}
+    """
+    rng.set_seed(seed)
+    with blob_dtype(dtype):
+        net = Net(text_format.Parse(text, pb.NetParameter()), phase=pb.TRAIN)
+    generator = np.random.default_rng(seed)
+    net.blobs["data"].data[...] = generator.standard_normal(net.blobs["data"].shape)
+    net.blobs["target"].data[...] = generator.standard_normal(net.blobs["target"].shape)
+    return net
+
+
+def assert_same_bits(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+@pytest.mark.parametrize("consumers", list(SPLIT_CONSUMERS))
+@pytest.mark.parametrize("options", [
+    {},
+    {"eltwise": "eltwise_param { operation: SUM coeff: 0.5 coeff: -1.5 }"},
+    {"relu": "relu_param { negative_slope: 0.1 }"},
+    {"data_gradient": True},
+    {"data_gradient": True, "eltwise": "eltwise_param { operation: SUM coeff: -0.75 coeff: 2 }"},
+])
+def test_a_fused_eltwise_relu_split_gives_the_layers_bits(consumers, options):
+    fused, apart = split_net(consumers, **options), unfused(split_net(consumers, **options))
+    chain = fused.fused_chains[0]
+    assert (type(chain).__name__, chain.first, chain.last, chain.fuses_backward) == ("EltwiseReLUChain", 4, 6, True)
+    assert fused.layers[6].type_name == "Split"
+    assert len(chain.split_tops) == consumers
+    for _ in range(2):
+        for net in (fused, apart):
+            net.clear_param_diffs()
+            net.forward_backward()
+        assert_same_bits(state(fused), state(apart))
+
+
+def test_a_split_chain_nothing_backpropagates_into_fuses_forward_only():
+    """propagate_down: false on both users of "sum": the three layers skip backward, conv2 still learns."""
+    consumers = SPLIT_CONSUMERS[2].replace('top: "b2"', 'top: "b2" propagate_down: false').replace(
+        'top: "sum2"', 'top: "sum2" propagate_down: false propagate_down: true')
+    fused, apart = split_net(consumer_layers=consumers), unfused(split_net(consumer_layers=consumers))
+    assert [(c.first, c.last, c.fuses_backward) for c in fused.fused_chains] == [(4, 6, False)]
+    for net in (fused, apart):
+        net.clear_param_diffs()
+        net.forward_backward()
+    assert_same_bits(state(fused), state(apart))
+    assert np.any(fused.params["conv2"][0].diff != 0)
+
+
+def test_the_fused_split_chain_runs_as_one_unit_each_way_and_ranges_cut_it():
+    net = split_net()
+    forward = [(first, last) for first, last, _ in net.forward_units()]
+    backward = [(last, first) for last, first, run in net.backward_units() if run is not None]
+    assert (4, 6) in forward and (6, 4) in backward
+    # A range that ends inside the chain runs its layers one by one.
+    assert [(f, l) for f, l, _ in net.forward_units(0, 5)][-2:] == [(4, 4), (5, 5)]
+    assert [(l, f) for l, f, _ in net.backward_units(5, 0)][:2] == [(5, 5), (4, 4)]
+    assert [(l, f) for l, f, _ in net.backward_units(6, 5)] == [(6, 6), (5, 5)]
+
+
+@pytest.mark.parametrize("end", ["sum", "relu", "sum_relu_0_split", "loss"])
+def test_ranges_that_cut_the_split_chain_give_the_layers_bits(end):
+    fused, apart = split_net(data_gradient=True), unfused(split_net(data_gradient=True))
+    np.testing.assert_array_equal(fused.forward(["sum"], end=end)["sum"], apart.forward(["sum"], end=end)["sum"])
+    # Backward from the middle of the chain, over the layers one by one.
+    for net in (fused, apart):
+        net.forward()
+        generator = np.random.default_rng(8)
+        for name in ("sum", "sum_relu_0_split_0", "sum_relu_0_split_1"):
+            net.blobs[name].diff[...] = generator.standard_normal(net.blobs[name].shape)
+        net.clear_param_diffs()
+        net.backward(start=end if end != "loss" else None)
+    assert_same_bits(state(fused), state(apart))
+
+
+def test_a_fused_eltwise_relu_split_matches_finite_differences():
+    net = split_net(data_gradient=True, dtype=np.float64, shape=(2, 3, 4, 5),
+                    eltwise="eltwise_param { operation: SUM coeff: 0.5 coeff: -1.5 }")
+    assert [(c.first, c.last, c.fuses_backward) for c in net.fused_chains] == [(4, 6, True)]
+    check_net_gradient(net, [net.blobs["data"], net.params["conv"][0], net.params["conv2"][0]], step=1e-6,
+                       tolerance=1e-5, every=3)

@@ -15,8 +15,8 @@ count, results are bit-identical from run to run:
   split over channels, the GEMMs over output columns (y, dx) or output channels (dW, db).
 
 Two other algorithms take the shapes where they measured faster (``make_plan`` chooses, from the
-thresholds below): Winograd F(2x2, 3x3) for wide 3x3 stride-1 layers, and, for small images with
-large weights, the batch lowered side by side into one wide column matrix. Both are also
+thresholds below): Winograd F(4x4, 3x3) or F(2x2, 3x3) for wide 3x3 stride-1 layers, and, for
+small images with large weights, the batch lowered side by side into one wide column matrix. Both are also
 bit-identical from run to run for a thread count.
 
 All scratch memory is one caller-owned ``workspace`` of ``conv_workspace_size(...)`` elements, so a
@@ -30,8 +30,9 @@ from minicaffe.kernels.blas cimport gemm
 from minicaffe.kernels.im2col cimport Geometry, make_geometry, im2col_channels, col2im_channels
 from minicaffe.kernels.parallel cimport team_size
 from minicaffe.kernels.parallel import num_threads
-from minicaffe.kernels.winograd cimport (TileGrid, make_grid, filter_row, winograd_apply, input_channel,
-                                         output_grad_channel, add_filter_grad_row)
+from minicaffe.kernels.winograd cimport (TileGrid, make_grid, plane_stride, scratch_elements, filter_row,
+                                         winograd_apply, input_channel, output_grad_channel,
+                                         add_filter_grad_row)
 
 # Per-thread column buffers larger than this in total (a big image on many threads) switch every
 # image to the inside-one-image split, which needs a single buffer.
@@ -39,21 +40,22 @@ COL_BUDGET_BYTES = 256 << 20
 # 3x3 stride-1 convolutions with at least WINOGRAD_MIN_CHANNELS input and output channels, or at
 # least WINOGRAD_LARGE_IMAGE_MIN_CHANNELS on images of at least WINOGRAD_LARGE_IMAGE output
 # positions, and with WINOGRAD_MIN_SPATIAL output positions per image and WINOGRAD_MIN_TILES 2x2
-# output tiles over the batch, run as Winograd F(2x2, 3x3) (see its section). Elsewhere the
-# transforms of the tiles and filters, which are bound by memory and gain little from a second
-# thread, cost more than the GEMM time saved. Measured (forward + backward, one process, Winograd
-# against im2col + GEMM): ResNet-50's 64-channel 56x56 layers 63 -> 40 ms at 1 thread, 39 -> 29 at
-# 2; its 128-channel 28x28 layers equal at 1 thread, 24 -> 20 ms at 2; the whole ResNet-50 1014 ->
-# 855 ms and GoogLeNet 446 -> 382 ms at 2 threads (at 1 thread -3% and +3%); while VGG-16's layers
-# (64 channels at 224x224, 128 at 112x112, 256-512 at 56x56 and 28x28) ran 1.1-1.6x faster as
-# Winograd, as did ResNet-50's 256-channel 14x14 layers (1.08x); the 16-64-channel layers of the
-# Fashion-MNIST ResNet ran 45% slower, VGG-16's conv5 at batch 4 (196 tiles) and ResNet-50's res5
-# (7x7) 10-40% slower.
-WINOGRAD_MIN_CHANNELS = 256
-WINOGRAD_LARGE_IMAGE = 112 * 112
+# output tiles over the batch, run as Winograd (see its section). Elsewhere the transforms of the
+# tiles and filters, which are bound by memory and gain little from a second thread, cost more than
+# the GEMM time saved. The tiles are 4x4 (F(4x4, 3x3): 36 products per 16 outputs) where they cover
+# at most WINOGRAD_F4_MAX_COVER times the output area that 2x2 tiles cover, else 2x2 (16 per 4): on
+# 14x14 and 7x7 images the 4x4 tiles' padding and narrower GEMMs lost what their fewer products saved.
+# Measured at 2 threads, forward + backward, one process, interleaved: ResNet-50 1431 -> 1332 ms
+# against F(2x2) on 256+ channels only (machine under load; its 128-channel 28x28 layers 143 -> 93
+# ms, 64-channel 56x56 126 -> 120), GoogLeNet 631 -> 574 ms, VGG-16 1864 -> 1492 ms. Still slower
+# than im2col + GEMM: the 16-64-channel layers of the Fashion-MNIST ResNet, and layers with few tiles
+# (VGG-16's conv5 at batch 4 as F(4x4), ResNet-50's res5 at 7x7 as either).
+WINOGRAD_MIN_CHANNELS = 128
+WINOGRAD_LARGE_IMAGE = 56 * 56
 WINOGRAD_LARGE_IMAGE_MIN_CHANNELS = 64
 WINOGRAD_MIN_SPATIAL = 144
 WINOGRAD_MIN_TILES = 256
+WINOGRAD_F4_MAX_COVER = 1.1
 # Winograd tiles go through the transforms and the GEMMs in blocks whose transformed windows take
 # about this many bytes (but at least WINOGRAD_MIN_BLOCK tiles, so that the GEMMs stay wide).
 WINOGRAD_BLOCK_BYTES = 8 << 20
@@ -77,11 +79,18 @@ cdef struct Plan:
     int workers             # image-splitting workers: threads, or 0 when every image is split inside
     long col_size           # elements of one column buffer (0 when pointwise)
     long weight_size
-    bint winograd           # 3x3, stride 1: Winograd F(2x2, 3x3) instead of im2col and GEMM
+    bint winograd           # 3x3, stride 1: Winograd F(tile x tile, 3x3) instead of im2col and GEMM
+    int wino_tile           # output tile side, 2 or 4
+    int wino_products       # (wino_tile + 2)^2: element-wise products per tile, GEMMs per block
     int wino_block          # tiles per Winograd block
     long wino_scratch       # elements of each thread's row scratch for the Winograd transforms
     bint wide               # small images: chunks of images lowered side by side, one GEMM each
     int wide_chunk          # images per chunk
+
+
+cdef inline int tile_cover(int extent, int tile) noexcept nogil:
+    """The extent that whole tiles of this size cover."""
+    return (extent + tile - 1) // tile * tile
 
 
 cdef int make_plan(Plan* p, tuple x_shape, tuple w_shape, tuple pad, tuple stride, tuple dilation,
@@ -111,10 +120,15 @@ cdef int make_plan(Plan* p, tuple x_shape, tuple w_shape, tuple pad, tuple strid
                   and p.spatial >= WINOGRAD_MIN_SPATIAL
                   and n * ((p.geom.out_h + 1) // 2) * ((p.geom.out_w + 1) // 2) >= WINOGRAD_MIN_TILES)
     if p.winograd:
-        tiles = n * max(((p.geom.out_h + 1) // 2) * ((p.geom.out_w + 1) // 2), ((h + 1) // 2) * ((w_ + 1) // 2))
-        p.wino_block = max(1, min(tiles, max(WINOGRAD_MIN_BLOCK,
-                                             WINOGRAD_BLOCK_BYTES // (16 * max(c, m) * itemsize))))
-        p.wino_scratch = 12 * ((max(p.geom.out_w, w_) + 1) // 2) + 8
+        cover_4 = tile_cover(p.geom.out_h, 4) * tile_cover(p.geom.out_w, 4)
+        cover_2 = tile_cover(p.geom.out_h, 2) * tile_cover(p.geom.out_w, 2)
+        t = p.wino_tile = 4 if cover_4 <= WINOGRAD_F4_MAX_COVER * cover_2 else 2
+        p.wino_products = (t + 2) * (t + 2)
+        tiles = n * max(((p.geom.out_h + t - 1) // t) * ((p.geom.out_w + t - 1) // t),
+                        ((h + t - 1) // t) * ((w_ + t - 1) // t))
+        window_bytes = p.wino_products * max(c, m) * itemsize
+        p.wino_block = max(1, min(tiles, max(WINOGRAD_MIN_BLOCK, WINOGRAD_BLOCK_BYTES // window_bytes)))
+        p.wino_scratch = scratch_elements(t, max(p.geom.out_w, w_))
     p.wide = (not p.winograd and n > 1 and p.spatial <= WIDE_MAX_SPATIAL
               and p.weight_size >= WIDE_MIN_WEIGHTS)
     if p.wide:
@@ -132,8 +146,9 @@ cdef long workspace_elements(const Plan* p) noexcept:
     """Winograd: transformed filters and their gradient, two blocks of transformed tiles, per-thread
     rows. Wide: its buffers, then dW^T and db.
     Otherwise per buffer set (one per worker, at least one): columns, transposed dW, db."""
+    cdef long widest = max(p.geom.channels, p.out_channels)
     if p.winograd:
-        return (32 * p.weight_size // 9 + 32 * <long>max(p.geom.channels, p.out_channels) * p.wino_block
+        return (2 * p.wino_products * (plane_stride(p.weight_size // 9) + plane_stride(widest * p.wino_block))
                 + p.threads * p.wino_scratch)
     if p.wide:
         return wide_elements(p) + p.weight_size + p.out_channels
@@ -253,18 +268,19 @@ cdef inline int block_begin(int extent, int blocks, int index) noexcept nogil:
     return <int>(<long>extent * index // blocks)
 
 
-# -- Winograd F(2x2, 3x3) ----------------------------------------------------------------------------
+# -- Winograd F(4x4, 3x3) and F(2x2, 3x3) ----------------------------------------------------------
 # The tile grid and the transforms are in winograd.pyx; here the workspace is cut up for them.
 
 cdef void winograd_forward(const Plan* p, const floating* x, const floating* w, const floating* bias,
                            floating* y, floating* workspace) noexcept nogil:
     cdef int m, cin = p.geom.channels, cout = p.out_channels, threads = p.threads
-    cdef long filters = 16 * <long>cout * cin, block_size = 16 * <long>max(cin, cout) * p.wino_block
+    cdef long filters = p.wino_products * plane_stride(<long>cout * cin)
+    cdef long block_size = p.wino_products * plane_stride(<long>max(cin, cout) * p.wino_block)
     cdef floating* u = workspace
     cdef TileGrid g = make_grid(p.batch, cin, p.geom.height, p.geom.width, cout, p.geom.out_h,
-                                p.geom.out_w, p.geom.pad_h, p.geom.pad_w)
+                                p.geom.out_w, p.geom.pad_h, p.geom.pad_w, p.wino_tile)
     for m in prange(cout, num_threads=team_size(cout, threads), schedule='static'):
-        filter_row(w, m, cin, cout, False, u)
+        filter_row(w, m, cin, cout, False, p.wino_tile, u)
     winograd_apply(&g, x, u, bias, y, workspace + 2 * filters, workspace + 2 * filters + block_size,
                    p.wino_block, workspace + 2 * filters + 2 * block_size, p.wino_scratch, threads)
 
@@ -273,7 +289,8 @@ cdef void winograd_backward(const Plan* p, const floating* x, const floating* w,
                             floating* dx, floating* dw, floating* db, floating* workspace) noexcept nogil:
     cdef int m, c, k, n, count, cin = p.geom.channels, cout = p.out_channels, threads = p.threads
     cdef int block = p.wino_block
-    cdef long t0, filters = 16 * <long>cout * cin, block_size = 16 * <long>max(cin, cout) * block
+    cdef long t0, filters = p.wino_products * plane_stride(<long>cout * cin)
+    cdef long block_size = p.wino_products * plane_stride(<long>max(cin, cout) * block)
     cdef floating* u = workspace
     cdef floating* du = workspace + filters
     cdef floating* v = workspace + 2 * filters
@@ -281,12 +298,12 @@ cdef void winograd_backward(const Plan* p, const floating* x, const floating* w,
     cdef floating* scratch = z + block_size
     cdef long scratch_size = p.wino_scratch
     cdef TileGrid forward_grid = make_grid(p.batch, cin, p.geom.height, p.geom.width, cout, p.geom.out_h,
-                                           p.geom.out_w, p.geom.pad_h, p.geom.pad_w)
+                                           p.geom.out_w, p.geom.pad_h, p.geom.pad_w, p.wino_tile)
     cdef TileGrid adjoint_grid = make_grid(p.batch, cout, p.geom.out_h, p.geom.out_w, cin, p.geom.height,
-                                           p.geom.width, 2 - p.geom.pad_h, 2 - p.geom.pad_w)
+                                           p.geom.width, 2 - p.geom.pad_h, 2 - p.geom.pad_w, p.wino_tile)
     if dx != NULL:
         for m in prange(cout, num_threads=team_size(cout, threads), schedule='static'):
-            filter_row(w, m, cin, cout, True, u)
+            filter_row(w, m, cin, cout, True, p.wino_tile, u)
         winograd_apply(&adjoint_grid, dy, u, NULL, dx, v, z, block, scratch, scratch_size, threads)
     if db != NULL:
         for m in prange(cout, num_threads=team_size(cout, threads), schedule='static'):
@@ -303,12 +320,13 @@ cdef void winograd_backward(const Plan* p, const floating* x, const floating* w,
         for m in prange(cout, num_threads=team_size(cout, threads), schedule='static'):
             output_grad_channel(&forward_grid, dy, m, t0, count, z, block,
                                 scratch + threadid() * scratch_size)
-        for k in prange(16, num_threads=threads, schedule='static'):
-            gemm(False, True, cout, cin, count, <floating>1, z + <long>k * cout * block, block,
-                 v + <long>k * cin * block, block, <floating>1, du + <long>k * cout * cin, cin)
+        for k in prange(p.wino_products, num_threads=threads, schedule='static'):
+            gemm(False, True, cout, cin, count, <floating>1, z + k * plane_stride(<long>cout * block), block,
+                 v + k * plane_stride(<long>cin * block), block, <floating>1,
+                 du + k * plane_stride(<long>cout * cin), cin)
         t0 += block
     for m in prange(cout, num_threads=team_size(cout, threads), schedule='static'):
-        add_filter_grad_row(du, m, cout, cin, dw)
+        add_filter_grad_row(du, m, cout, cin, p.wino_tile, dw)
 
 
 # -- small images: the batch as one wide GEMM --------------------------------------------------------

@@ -1,14 +1,19 @@
-"""Winograd F(2x2, 3x3) for 3x3 stride-1 convolutions (planned and called by conv.pyx).
+"""Winograd F(2x2, 3x3) and F(4x4, 3x3) for 3x3 stride-1 convolutions (planned and called by conv.pyx).
 
-A 3x3 stride-1 convolution computes each 2x2 output tile from a 4x4 input window d as
-A^T [(G g G^T) * (B^T d B)] A: 16 multiplications per tile and channel pair instead of 36. Over a
-block of tiles the 16 element-wise products become 16 GEMMs, U[k] (out x in) @ V[k] (in x tiles),
-where U holds the transformed filters and V the transformed windows; the transforms are linear
-passes over the data. Backward uses the same machinery: dx is the convolution of dy with the
-filters rotated by 180 degrees and transposed (padding 2 - pad), and dW follows from the chain rule
-through the same factorization, dU[k] = (A dy A^T)[k] @ V[k]^T and dW = G^T dU G.
-Blocks of tiles span images, so the GEMMs are wide even for small late-layer images, and the 16
+A 3x3 stride-1 convolution computes each t x t output tile (t = 2 or 4) from an a x a input window d
+(a = t + 2) as A^T [(G g G^T) * (B^T d B)] A: a^2 multiplications per tile and channel pair instead
+of 9 t^2 (16 for 36 with t = 2, 36 for 144 with t = 4). Over a block of tiles the a^2 element-wise
+products become a^2 GEMMs, U[k] (out x in) @ V[k] (in x tiles), where U holds the transformed
+filters and V the transformed windows; the transforms are linear passes over the data, and the
+larger tile also moves fewer bytes through them (a^2 / t^2: 4 values per output for t = 2, 2.25 for
+t = 4). Backward uses the same machinery: dx is the convolution of dy with the filters rotated by
+180 degrees and transposed (padding 2 - pad), and dW follows from the chain rule through the same
+factorization, dU[k] = (A dy A^T)[k] @ V[k]^T and dW = G^T dU G.
+Blocks of tiles span images, so the GEMMs are wide even for small late-layer images, and the a^2
 GEMMs are split over the threads (fixed assignment: bit-identical runs for a thread count).
+
+The matrices are Lavin and Gray's (arXiv:1509.09308), F(4x4, 3x3) with interpolation points
+0, +-1, +-2 and infinity; every transform below is one of them applied down columns, then across rows.
 """
 from cython cimport floating
 from cython.parallel cimport prange, threadid
@@ -19,14 +24,32 @@ from minicaffe.kernels.parallel cimport team_size
 
 
 cdef TileGrid make_grid(int batch, int channels, int height, int width, int out_channels, int out_h,
-                        int out_w, int pad_h, int pad_w) noexcept nogil:
+                        int out_w, int pad_h, int pad_w, int tile) noexcept nogil:
     cdef TileGrid g
     g.batch, g.channels, g.height, g.width = batch, channels, height, width
     g.out_channels, g.out_h, g.out_w, g.pad_h, g.pad_w = out_channels, out_h, out_w, pad_h, pad_w
-    g.tiles_h, g.tiles_w = (out_h + 1) // 2, (out_w + 1) // 2
+    g.tile, g.alpha = tile, tile + 2
+    g.tiles_h, g.tiles_w = (out_h + tile - 1) // tile, (out_w + tile - 1) // tile
     g.tiles_per_image = <long>g.tiles_h * g.tiles_w
     g.tiles = g.tiles_per_image * batch
     return g
+
+
+cdef long plane_stride(long elements) noexcept nogil:
+    """Where the next of the alpha^2 planes of a transformed array starts, given one plane's elements.
+
+    The transforms write (or read) all the planes at once, one stream each; planes a power of two
+    apart, as channel counts and blocks make them, would all fall in the same cache sets and evict
+    each other (measured: the F(4x4) filter transform took 7x the GEMMs' time). Rounding the plane
+    up to 4 KB and adding one cache line puts the streams in consecutive sets."""
+    return (elements + 1023) // 1024 * 1024 + 16
+
+
+cdef long scratch_elements(int tile, int widest) noexcept nogil:
+    """Per-thread row scratch of the transforms for rows of up to ``widest`` outputs or inputs: the
+    window transform's padded rows and their column transforms, the largest of the three users."""
+    cdef long run = (widest + tile - 1) // tile
+    return 2 * (tile + 2) * (tile * run + 2)
 
 
 cdef inline void padded_rows(const floating* plane, int height, int width, int h0, int w0, int rows,
@@ -46,38 +69,192 @@ cdef inline void padded_rows(const floating* plane, int height, int width, int h
             row[i] = 0
 
 
-cdef inline void input_row_transform(floating* p, int length, int count, floating* out,
-                                     long k_stride) noexcept nogil:
-    """``count`` tiles of B^T d B from four padded rows p[4][length] (window j at column 2j):
-    first the column transform in place, then the row transform into out[k * k_stride + j]."""
-    cdef int i, j, a
-    cdef floating* p0 = p
-    cdef floating* p1 = p + length
-    cdef floating* p2 = p + 2 * length
-    cdef floating* p3 = p + 3 * length
-    cdef floating v1, v2
-    for i in range(length):
-        v1, v2 = p1[i], p2[i]
-        p0[i] = p0[i] - v2
-        p3[i] = v1 - p3[i]
-        p1[i] = v1 + v2
-        p2[i] = v2 - v1
-    cdef floating* s
-    cdef floating* o0
-    cdef floating* o1
-    for a in range(4):
-        s = p + <long>a * length
-        o0 = out + (4 * a) * k_stride
-        o1 = out + (4 * a + 1) * k_stride
-        for j in range(count):
-            o0[j] = s[2 * j] - s[2 * j + 2]
-            o1[j] = s[2 * j + 1] + s[2 * j + 2]
-        o0 = out + (4 * a + 2) * k_stride
-        o1 = out + (4 * a + 3) * k_stride
-        for j in range(count):
-            o0[j] = s[2 * j + 2] - s[2 * j + 1]
-            o1[j] = s[2 * j + 1] - s[2 * j + 3]
+cdef extern from "winograd_rows.h" nogil:
+    void mc_wino2_input_columns_f(const float* d0, const float* d1, const float* d2, const float* d3,
+                                  float* r0, float* r1, float* r2, float* r3, Py_ssize_t n)
+    void mc_wino2_input_columns_d(const double* d0, const double* d1, const double* d2, const double* d3,
+                                  double* r0, double* r1, double* r2, double* r3, Py_ssize_t n)
+    void mc_wino4_input_columns_f(const float* d0, const float* d1, const float* d2, const float* d3,
+                                  const float* d4, const float* d5, float* r0, float* r1, float* r2,
+                                  float* r3, float* r4, float* r5, Py_ssize_t n)
+    void mc_wino4_input_columns_d(const double* d0, const double* d1, const double* d2, const double* d3,
+                                  const double* d4, const double* d5, double* r0, double* r1, double* r2,
+                                  double* r3, double* r4, double* r5, Py_ssize_t n)
+    void mc_wino2_input_row_f(const float* s, float* o0, float* o1, float* o2, float* o3, Py_ssize_t count)
+    void mc_wino2_input_row_d(const double* s, double* o0, double* o1, double* o2, double* o3,
+                              Py_ssize_t count)
+    void mc_wino4_input_row_f(const float* s, float* o0, float* o1, float* o2, float* o3, float* o4,
+                              float* o5, Py_ssize_t count)
+    void mc_wino4_input_row_d(const double* s, double* o0, double* o1, double* o2, double* o3, double* o4,
+                              double* o5, Py_ssize_t count)
+    void mc_wino2_output_columns_f(const float* m0, const float* m1, const float* m2, const float* m3,
+                                   float* r0, float* r1, Py_ssize_t n)
+    void mc_wino2_output_columns_d(const double* m0, const double* m1, const double* m2, const double* m3,
+                                   double* r0, double* r1, Py_ssize_t n)
+    void mc_wino4_output_columns_f(const float* m0, const float* m1, const float* m2, const float* m3,
+                                   const float* m4, const float* m5, float* r0, float* r1, float* r2,
+                                   float* r3, Py_ssize_t n)
+    void mc_wino4_output_columns_d(const double* m0, const double* m1, const double* m2, const double* m3,
+                                   const double* m4, const double* m5, double* r0, double* r1, double* r2,
+                                   double* r3, Py_ssize_t n)
+    void mc_wino2_output_row_f(const float* c0, const float* c1, const float* c2, const float* c3, float bias,
+                               float* out, Py_ssize_t count)
+    void mc_wino2_output_row_d(const double* c0, const double* c1, const double* c2, const double* c3,
+                               double bias, double* out, Py_ssize_t count)
+    void mc_wino4_output_row_f(const float* c0, const float* c1, const float* c2, const float* c3,
+                               const float* c4, const float* c5, float bias, float* out, Py_ssize_t count)
+    void mc_wino4_output_row_d(const double* c0, const double* c1, const double* c2, const double* c3,
+                               const double* c4, const double* c5, double bias, double* out, Py_ssize_t count)
+    void mc_wino2_grad_columns_f(const float* y0, const float* y1, float* r0, float* r1, float* r2, float* r3,
+                                 Py_ssize_t n)
+    void mc_wino2_grad_columns_d(const double* y0, const double* y1, double* r0, double* r1, double* r2,
+                                 double* r3, Py_ssize_t n)
+    void mc_wino4_grad_columns_f(const float* y0, const float* y1, const float* y2, const float* y3,
+                                 float* r0, float* r1, float* r2, float* r3, float* r4, float* r5,
+                                 Py_ssize_t n)
+    void mc_wino4_grad_columns_d(const double* y0, const double* y1, const double* y2, const double* y3,
+                                 double* r0, double* r1, double* r2, double* r3, double* r4, double* r5,
+                                 Py_ssize_t n)
+    void mc_wino2_grad_row_f(const float* s, float* o0, float* o1, float* o2, float* o3, Py_ssize_t count)
+    void mc_wino2_grad_row_d(const double* s, double* o0, double* o1, double* o2, double* o3,
+                             Py_ssize_t count)
+    void mc_wino4_grad_row_f(const float* s, float* o0, float* o1, float* o2, float* o3, float* o4, float* o5,
+                             Py_ssize_t count)
+    void mc_wino4_grad_row_d(const double* s, double* o0, double* o1, double* o2, double* o3, double* o4,
+                             double* o5, Py_ssize_t count)
 
+
+# The row loops of winograd_rows.h for a tile size and either element type: the rows a 1-D
+# transform reads (d, m, y) and writes (r) lie ``step`` elements apart, across a row the outputs
+# of a window ``o_step`` apart.
+
+cdef inline void input_columns(int tile, const floating* d, long step, floating* r, long n) noexcept nogil:
+    """r_b = (B^T d)_b row by row; d and r each hold tile + 2 rows, ``step`` apart."""
+    if tile == 2:
+        if floating is float:
+            mc_wino2_input_columns_f(d, d + step, d + 2 * step, d + 3 * step, r, r + step, r + 2 * step,
+                                     r + 3 * step, n)
+        else:
+            mc_wino2_input_columns_d(d, d + step, d + 2 * step, d + 3 * step, r, r + step, r + 2 * step,
+                                     r + 3 * step, n)
+    elif floating is float:
+        mc_wino4_input_columns_f(d, d + step, d + 2 * step, d + 3 * step, d + 4 * step, d + 5 * step, r,
+                                 r + step, r + 2 * step, r + 3 * step, r + 4 * step, r + 5 * step, n)
+    else:
+        mc_wino4_input_columns_d(d, d + step, d + 2 * step, d + 3 * step, d + 4 * step, d + 5 * step, r,
+                                 r + step, r + 2 * step, r + 3 * step, r + 4 * step, r + 5 * step, n)
+
+
+cdef inline void input_row(int tile, const floating* s, floating* o, long o_step, long count) noexcept nogil:
+    if tile == 2:
+        if floating is float:
+            mc_wino2_input_row_f(s, o, o + o_step, o + 2 * o_step, o + 3 * o_step, count)
+        else:
+            mc_wino2_input_row_d(s, o, o + o_step, o + 2 * o_step, o + 3 * o_step, count)
+    elif floating is float:
+        mc_wino4_input_row_f(s, o, o + o_step, o + 2 * o_step, o + 3 * o_step, o + 4 * o_step, o + 5 * o_step,
+                             count)
+    else:
+        mc_wino4_input_row_d(s, o, o + o_step, o + 2 * o_step, o + 3 * o_step, o + 4 * o_step, o + 5 * o_step,
+                             count)
+
+
+cdef inline void output_columns(int tile, const floating* m, long step, floating* r, long r_step,
+                                long n) noexcept nogil:
+    """r_a = (A^T m)_a: tile + 2 rows of m ``step`` apart to ``tile`` rows of r ``r_step`` apart."""
+    if tile == 2:
+        if floating is float:
+            mc_wino2_output_columns_f(m, m + step, m + 2 * step, m + 3 * step, r, r + r_step, n)
+        else:
+            mc_wino2_output_columns_d(m, m + step, m + 2 * step, m + 3 * step, r, r + r_step, n)
+    elif floating is float:
+        mc_wino4_output_columns_f(m, m + step, m + 2 * step, m + 3 * step, m + 4 * step, m + 5 * step, r,
+                                  r + r_step, r + 2 * r_step, r + 3 * r_step, n)
+    else:
+        mc_wino4_output_columns_d(m, m + step, m + 2 * step, m + 3 * step, m + 4 * step, m + 5 * step, r,
+                                  r + r_step, r + 2 * r_step, r + 3 * r_step, n)
+
+
+cdef inline void output_row(int tile, const floating* c, long step, floating bias, floating* out,
+                            long count) noexcept nogil:
+    if tile == 2:
+        if floating is float:
+            mc_wino2_output_row_f(c, c + step, c + 2 * step, c + 3 * step, bias, out, count)
+        else:
+            mc_wino2_output_row_d(c, c + step, c + 2 * step, c + 3 * step, bias, out, count)
+    elif floating is float:
+        mc_wino4_output_row_f(c, c + step, c + 2 * step, c + 3 * step, c + 4 * step, c + 5 * step, bias, out,
+                              count)
+    else:
+        mc_wino4_output_row_d(c, c + step, c + 2 * step, c + 3 * step, c + 4 * step, c + 5 * step, bias, out,
+                              count)
+
+
+cdef inline void grad_columns(int tile, const floating* y, long step, floating* r, long n) noexcept nogil:
+    """r_b = (A y)_b: ``tile`` rows of y to tile + 2 rows of r, each ``step`` apart."""
+    if tile == 2:
+        if floating is float:
+            mc_wino2_grad_columns_f(y, y + step, r, r + step, r + 2 * step, r + 3 * step, n)
+        else:
+            mc_wino2_grad_columns_d(y, y + step, r, r + step, r + 2 * step, r + 3 * step, n)
+    elif floating is float:
+        mc_wino4_grad_columns_f(y, y + step, y + 2 * step, y + 3 * step, r, r + step, r + 2 * step,
+                                r + 3 * step, r + 4 * step, r + 5 * step, n)
+    else:
+        mc_wino4_grad_columns_d(y, y + step, y + 2 * step, y + 3 * step, r, r + step, r + 2 * step,
+                                r + 3 * step, r + 4 * step, r + 5 * step, n)
+
+
+cdef inline void grad_row(int tile, const floating* s, floating* o, long o_step, long count) noexcept nogil:
+    if tile == 2:
+        if floating is float:
+            mc_wino2_grad_row_f(s, o, o + o_step, o + 2 * o_step, o + 3 * o_step, count)
+        else:
+            mc_wino2_grad_row_d(s, o, o + o_step, o + 2 * o_step, o + 3 * o_step, count)
+    elif floating is float:
+        mc_wino4_grad_row_f(s, o, o + o_step, o + 2 * o_step, o + 3 * o_step, o + 4 * o_step, o + 5 * o_step,
+                            count)
+    else:
+        mc_wino4_grad_row_d(s, o, o + o_step, o + 2 * o_step, o + 3 * o_step, o + 4 * o_step, o + 5 * o_step,
+                            count)
+
+
+# -- the filter transforms, 3 values to tile + 2 and back, at strides --------------------------------
+
+cdef inline void filter_1d(int tile, const floating* g, long step, floating* r, long out_step) noexcept nogil:
+    """G g, 3 values to tile + 2."""
+    cdef floating g0 = g[0], g1 = g[step], g2 = g[2 * step]
+    if tile == 2:
+        r[0] = g0
+        r[out_step] = (g0 + g1 + g2) * <floating>0.5
+        r[2 * out_step] = (g0 - g1 + g2) * <floating>0.5
+        r[3 * out_step] = g2
+        return
+    cdef floating outer = g0 * <floating>(1.0 / 24) + g2 * <floating>(1.0 / 6)
+    r[0] = g0 * <floating>0.25
+    r[out_step] = (g0 + g1 + g2) * <floating>(-1.0 / 6)
+    r[2 * out_step] = (g0 - g1 + g2) * <floating>(-1.0 / 6)
+    r[3 * out_step] = outer + g1 * <floating>(1.0 / 12)
+    r[4 * out_step] = outer - g1 * <floating>(1.0 / 12)
+    r[5 * out_step] = g2
+
+
+cdef inline void filter_grad_1d(int tile, const floating* d, long step, floating* r,
+                                long out_step) noexcept nogil:
+    """G^T d, tile + 2 values to 3: the adjoint of filter_1d."""
+    cdef floating d1 = d[step], d2 = d[2 * step], d3 = d[3 * step]
+    if tile == 2:
+        r[0] = d[0] + (d1 + d2) * <floating>0.5
+        r[out_step] = (d1 - d2) * <floating>0.5
+        r[2 * out_step] = (d1 + d2) * <floating>0.5 + d3
+        return
+    cdef floating d4 = d[4 * step], sum12 = d1 + d2, sum34 = d3 + d4
+    r[0] = d[0] * <floating>0.25 - sum12 * <floating>(1.0 / 6) + sum34 * <floating>(1.0 / 24)
+    r[out_step] = (d2 - d1) * <floating>(1.0 / 6) + (d3 - d4) * <floating>(1.0 / 12)
+    r[2 * out_step] = (sum34 - sum12) * <floating>(1.0 / 6) + d[5 * step]
+
+
+# -- transforms over runs of tiles along a tile row ------------------------------------------------
 
 cdef inline void tile_position(const TileGrid* g, long tile, int* n, int* ty, int* tx) noexcept nogil:
     """Image n, tile row ty and tile column tx of tile number ``tile``; the channel loops below walk
@@ -90,165 +267,137 @@ cdef inline void tile_position(const TileGrid* g, long tile, int* n, int* ty, in
 
 cdef void input_channel(const TileGrid* g, const floating* x, int c, long t0, int count, floating* v,
                         long ld, floating* scratch) noexcept nogil:
-    """V[k][c][i] (at v + (k * channels + c) * ld + i) for tiles t0 + i, i < count, of channel c."""
-    cdef long k_stride = <long>g.channels * ld, tile = t0, end = t0 + count
+    """V[k][c][i] (at v + k * plane_stride(channels * ld) + c * ld + i) for tiles t0 + i, i < count,
+    of channel c."""
+    cdef long k_stride = plane_stride(<long>g.channels * ld), tile = t0, end = t0 + count
     cdef floating* out = v + <long>c * ld
-    cdef int n, ty, tx, run
+    cdef floating* columns
+    cdef int n, ty, tx, run, a, length, t = g.tile
     while tile < end:
         tile_position(g, tile, &n, &ty, &tx)
         run = <int>min(<long>(g.tiles_w - tx), end - tile)
+        length = t * run + 2
         padded_rows(x + (<long>n * g.channels + c) * g.height * g.width, g.height, g.width,
-                    2 * ty - g.pad_h, 2 * tx - g.pad_w, 4, 2 * run + 2, scratch)
-        input_row_transform(scratch, 2 * run + 2, run, out, k_stride)
+                    t * ty - g.pad_h, t * tx - g.pad_w, g.alpha, length, scratch)
+        columns = scratch + g.alpha * length
+        input_columns(t, scratch, length, columns, length)
+        for a in range(g.alpha):
+            input_row(t, columns + a * length, out + g.alpha * a * k_stride, k_stride, run)
         out += run
         tile += run
 
 
 cdef void output_channel(const TileGrid* g, const floating* mo, int m, long t0, int count, long ld,
                          floating bias, floating* y, floating* scratch) noexcept nogil:
-    """y[n, m] tiles t0 .. t0 + count = A^T M A + bias, M[k] at mo + (k * out_channels + m) * ld + i.
+    """y[n, m] tiles t0 .. t0 + count = A^T M A + bias, M[k][m][i] laid out as V in input_channel.
 
-    Per run of tiles along a row: A^T down the columns into t[a][b][j] (2 x 4 rows of ``run``),
-    then across into two output rows, copied into y where they fall inside it."""
-    cdef long k_stride = <long>g.out_channels * ld, tile = t0, end = t0 + count
+    Per run of tiles along a row: A^T down the columns into c[i][b][j] (tile x (tile + 2) rows of
+    ``run``), then across into ``tile`` output rows, copied into y where they fall inside it."""
+    cdef long k_stride = plane_stride(<long>g.out_channels * ld), tile = t0, end = t0 + count, row_length
     cdef const floating* src = mo + <long>m * ld
-    cdef const floating* s0
-    cdef const floating* s1
-    cdef const floating* s2
-    cdef const floating* s3
+    cdef floating* columns = scratch
+    cdef floating* rows
     cdef floating* plane
-    cdef floating* t
-    cdef floating* row
-    cdef int n, ty, tx, run, j, a, b, oh, width
+    cdef int n, ty, tx, run, a, b, oh, width, t = g.tile, alpha = g.alpha
     while tile < end:
         tile_position(g, tile, &n, &ty, &tx)
         run = <int>min(<long>(g.tiles_w - tx), end - tile)
-        for b in range(4):
-            s0, s1 = src + b * k_stride, src + (4 + b) * k_stride
-            s2, s3 = src + (8 + b) * k_stride, src + (12 + b) * k_stride
-            t = scratch + b * run
-            for j in range(run):
-                t[j] = s0[j] + s1[j] + s2[j]
-            t = scratch + (4 + b) * run
-            for j in range(run):
-                t[j] = s1[j] - s2[j] - s3[j]
+        row_length = t * run
+        rows = scratch + <long>t * alpha * run
+        for b in range(alpha):
+            output_columns(t, src + b * k_stride, alpha * k_stride, columns + b * run, <long>alpha * run, run)
+        for a in range(t):
+            output_row(t, columns + <long>a * alpha * run, run, bias, rows + a * row_length, run)
         plane = y + (<long>n * g.out_channels + m) * g.out_h * g.out_w
-        width = min(2 * run, g.out_w - 2 * tx)
-        row = scratch + 8 * run
-        for a in range(2):
-            oh = 2 * ty + a
+        width = min(t * run, g.out_w - t * tx)
+        for a in range(t):
+            oh = t * ty + a
             if oh >= g.out_h:
                 break
-            t = scratch + 4 * a * run
-            for j in range(run):
-                row[2 * j] = t[j] + t[run + j] + t[2 * run + j] + bias
-                row[2 * j + 1] = t[run + j] - t[2 * run + j] - t[3 * run + j] + bias
-            memcpy(plane + <long>oh * g.out_w + 2 * tx, row, width * sizeof(floating))
+            memcpy(plane + <long>oh * g.out_w + t * tx, rows + a * row_length, width * sizeof(floating))
         src += run
         tile += run
 
 
 cdef void output_grad_channel(const TileGrid* g, const floating* dy, int m, long t0, int count,
                               floating* z, long ld, floating* scratch) noexcept nogil:
-    """Z[k][m][i] = (A dy A^T)[k] for the 2x2 tiles t0 + i of dy[n, m] (zero beyond the output)."""
-    cdef long k_stride = <long>g.out_channels * ld, tile = t0, end = t0 + count
+    """Z[k][m][i] = (A dy A^T)[k] for the tiles t0 + i of dy[n, m] (zero beyond the output)."""
+    cdef long k_stride = plane_stride(<long>g.out_channels * ld), tile = t0, end = t0 + count
     cdef floating* out = z + <long>m * ld
-    cdef floating* p0
-    cdef floating* p1
-    cdef floating* t
-    cdef floating* o0
-    cdef floating* o1
-    cdef floating v0, v1
-    cdef int n, ty, tx, run, i, j, a, length
+    cdef floating* columns
+    cdef int n, ty, tx, run, a, length, t = g.tile, alpha = g.alpha
     while tile < end:
         tile_position(g, tile, &n, &ty, &tx)
         run = <int>min(<long>(g.tiles_w - tx), end - tile)
-        length = 2 * run
+        length = t * run
         padded_rows(dy + (<long>n * g.out_channels + m) * g.out_h * g.out_w, g.out_h, g.out_w,
-                    2 * ty, 2 * tx, 2, length, scratch)
-        # A dy down the columns: rows dy0, dy0 + dy1, dy0 - dy1, -dy1 (scratch rows 2 to 5).
-        p0, p1 = scratch, scratch + length
-        for i in range(length):
-            v0, v1 = p0[i], p1[i]
-            scratch[2 * length + i] = v0
-            scratch[3 * length + i] = v0 + v1
-            scratch[4 * length + i] = v0 - v1
-            scratch[5 * length + i] = -v1
-        for a in range(4):
-            t = scratch + (2 + a) * length
-            o0, o1 = out + (4 * a) * k_stride, out + (4 * a + 1) * k_stride
-            for j in range(run):
-                o0[j] = t[2 * j]
-                o1[j] = t[2 * j] + t[2 * j + 1]
-            o0, o1 = out + (4 * a + 2) * k_stride, out + (4 * a + 3) * k_stride
-            for j in range(run):
-                o0[j] = t[2 * j] - t[2 * j + 1]
-                o1[j] = -t[2 * j + 1]
+                    t * ty, t * tx, t, length, scratch)
+        columns = scratch + <long>t * length
+        grad_columns(t, scratch, length, columns, length)
+        for a in range(alpha):
+            grad_row(t, columns + <long>a * length, out + alpha * a * k_stride, k_stride, run)
         out += run
         tile += run
 
 
-cdef void filter_row(const floating* w, int m, int in_channels, int out_channels, bint rotate,
+cdef void filter_row(const floating* w, int m, int in_channels, int out_channels, bint rotate, int tile,
                      floating* u) noexcept nogil:
-    """u[k][m][c] = (G g G^T)[k], g = w[m, c] (or for the adjoint, u[k][c][m] with g rotated 180)."""
-    cdef int c, a, b
+    """u[k][m][c] = (G g G^T)[k], g = w[m, c] (or for the adjoint, u[k][c][m] with g rotated 180);
+    planes plane_stride(in * out) apart, as in every transformed array below."""
+    cdef int c, a, alpha = tile + 2
     cdef floating g[9]
-    cdef floating t[12]
+    cdef floating t[18]
     cdef const floating* src
-    cdef long k_stride = <long>in_channels * out_channels, at
+    cdef long k_stride = plane_stride(<long>in_channels * out_channels), at
     for c in range(in_channels):
         src = w + (<long>m * in_channels + c) * 9
         for a in range(9):
             g[a] = src[8 - a] if rotate else src[a]
-        for b in range(3):
-            t[b], t[3 + b] = g[b], (g[b] + g[3 + b] + g[6 + b]) * <floating>0.5
-            t[6 + b], t[9 + b] = (g[b] - g[3 + b] + g[6 + b]) * <floating>0.5, g[6 + b]
-        at = <long>c * out_channels + m if rotate else <long>m * in_channels + c
-        for a in range(4):
-            u[(4 * a) * k_stride + at] = t[3 * a]
-            u[(4 * a + 1) * k_stride + at] = (t[3 * a] + t[3 * a + 1] + t[3 * a + 2]) * <floating>0.5
-            u[(4 * a + 2) * k_stride + at] = (t[3 * a] - t[3 * a + 1] + t[3 * a + 2]) * <floating>0.5
-            u[(4 * a + 3) * k_stride + at] = t[3 * a + 2]
-
-
-cdef void add_filter_grad_row(const floating* du, int m, int out_channels, int in_channels,
-                              floating* dw) noexcept nogil:
-    """dw[m, c] += G^T dU[m, c] G for every c, dU[k][m][c] at du + k * out * in + m * in + c."""
-    cdef int c, a, b
-    cdef floating d[16]
-    cdef floating t[12]
-    cdef floating* dst
-    cdef long k_stride = <long>out_channels * in_channels
-    for c in range(in_channels):
-        for a in range(16):
-            d[a] = du[a * k_stride + <long>m * in_channels + c]
-        # G^T dU (3 x 4), then (G^T dU) G (3 x 3).
-        for b in range(4):
-            t[b] = d[b] + (d[4 + b] + d[8 + b]) * <floating>0.5
-            t[4 + b] = (d[4 + b] - d[8 + b]) * <floating>0.5
-            t[8 + b] = (d[4 + b] + d[8 + b]) * <floating>0.5 + d[12 + b]
-        dst = dw + (<long>m * in_channels + c) * 9
         for a in range(3):
-            dst[3 * a] += t[4 * a] + (t[4 * a + 1] + t[4 * a + 2]) * <floating>0.5
-            dst[3 * a + 1] += (t[4 * a + 1] - t[4 * a + 2]) * <floating>0.5
-            dst[3 * a + 2] += (t[4 * a + 1] + t[4 * a + 2]) * <floating>0.5 + t[4 * a + 3]
+            filter_1d(tile, g + a, 3, t + a, 3)
+        at = <long>c * out_channels + m if rotate else <long>m * in_channels + c
+        for a in range(alpha):
+            filter_1d(tile, t + 3 * a, 1, u + alpha * a * k_stride + at, k_stride)
+
+
+cdef void add_filter_grad_row(const floating* du, int m, int out_channels, int in_channels, int tile,
+                              floating* dw) noexcept nogil:
+    """dw[m, c] += G^T dU[m, c] G for every c, dU[k][m][c] at du + k * plane_stride(out * in) + m * in + c."""
+    cdef int c, a, b, alpha = tile + 2
+    cdef floating t[18]
+    cdef floating grad[9]
+    cdef floating* dst
+    cdef long k_stride = plane_stride(<long>out_channels * in_channels)
+    cdef const floating* d
+    for c in range(in_channels):
+        d = du + <long>m * in_channels + c
+        # G^T dU (3 x alpha), then (G^T dU) G (3 x 3).
+        for b in range(alpha):
+            filter_grad_1d(tile, d + b * k_stride, alpha * k_stride, t + b, alpha)
+        for a in range(3):
+            filter_grad_1d(tile, t + alpha * a, 1, grad + 3 * a, 1)
+        dst = dw + (<long>m * in_channels + c) * 9
+        for a in range(9):
+            dst[a] += grad[a]
 
 
 cdef void winograd_apply(const TileGrid* g, const floating* x, const floating* u, const floating* bias,
                          floating* y, floating* v, floating* mo, int block, floating* scratch,
                          long scratch_size, int threads) noexcept nogil:
-    """y = the 3x3 convolution of x whose transformed filters are u ([16][out][in]), plus bias."""
+    """y = the 3x3 convolution of x whose transformed filters are u (alpha^2 planes of [out][in]),
+    plus bias."""
     cdef long t0
     cdef int count, c, k, m
-    cdef int cin = g.channels, cout = g.out_channels
+    cdef int cin = g.channels, cout = g.out_channels, products = g.alpha * g.alpha
     t0 = 0
     while t0 < g.tiles:
         count = <int>min(<long>block, g.tiles - t0)
         for c in prange(cin, num_threads=team_size(cin, threads), schedule='static'):
             input_channel(g, x, c, t0, count, v, block, scratch + threadid() * scratch_size)
-        for k in prange(16, num_threads=threads, schedule='static'):
-            gemm(False, False, cout, count, cin, <floating>1, u + <long>k * cout * cin, cin,
-                 v + <long>k * cin * block, block, <floating>0, mo + <long>k * cout * block, block)
+        for k in prange(products, num_threads=threads, schedule='static'):
+            gemm(False, False, cout, count, cin, <floating>1, u + k * plane_stride(<long>cout * cin), cin,
+                 v + k * plane_stride(<long>cin * block), block, <floating>0,
+                 mo + k * plane_stride(<long>cout * block), block)
         for m in prange(cout, num_threads=team_size(cout, threads), schedule='static'):
             output_channel(g, mo, m, t0, count, block, bias[m] if bias != NULL else 0, y,
                            scratch + threadid() * scratch_size)

@@ -1,0 +1,157 @@
+/* Row loops of the Winograd transforms in winograd.pyx, F(2x2, 3x3) and F(4x4, 3x3).
+ *
+ * Each 2-D transform is a 1-D one down the columns of a few rows (element-wise over whole rows),
+ * then across each row (one tile every 2 or 4 elements). Every row is its own restrict-qualified
+ * argument: with them GCC vectorizes the loops, where the same loops written over one base pointer
+ * and a run-time row length need more alias checks than it will emit and stay scalar (measured:
+ * the F(4x4) transforms took longer than its GEMMs).
+ *
+ * The matrices are Lavin and Gray's (arXiv:1509.09308): B^T for windows, A^T for outputs and A
+ * for output gradients (the adjoint of A^T). Each function exists for float (_f) and double (_d),
+ * stamped out by MC_WINOGRAD_ROWS.
+ */
+#ifndef MINICAFFE_WINOGRAD_ROWS_H
+#define MINICAFFE_WINOGRAD_ROWS_H
+
+#include <stddef.h>
+
+/* B^T d, F(2, 3): 4 values to 4. */
+#define MC_B2(d0, d1, d2, d3, r0, r1, r2, r3) \
+    do { r0 = (d0) - (d2); r1 = (d1) + (d2); r2 = (d2) - (d1); r3 = (d1) - (d3); } while (0)
+
+/* B^T d, F(4, 3): 6 values to 6. */
+#define MC_B4(T, d0, d1, d2, d3, d4, d5, r0, r1, r2, r3, r4, r5)                                       \
+    do {                                                                                              \
+        T even_ = (d4) - 4 * (d2), odd_ = (d3) - 4 * (d1), even2_ = (d4) - (d2), odd2_ = 2 * ((d3) - (d1)); \
+        r0 = 4 * (d0) - 5 * (d2) + (d4);                                                              \
+        r1 = even_ + odd_;                                                                            \
+        r2 = even_ - odd_;                                                                            \
+        r3 = even2_ + odd2_;                                                                          \
+        r4 = even2_ - odd2_;                                                                          \
+        r5 = 4 * (d1) - 5 * (d3) + (d5);                                                              \
+    } while (0)
+
+/* A^T m + add, F(2, 3): 4 values to 2. */
+#define MC_A2(m0, m1, m2, m3, add, r0, r1) \
+    do { r0 = (m0) + (m1) + (m2) + (add); r1 = (m1) - (m2) - (m3) + (add); } while (0)
+
+/* A^T m + add, F(4, 3): 6 values to 4. */
+#define MC_A4(T, m0, m1, m2, m3, m4, m5, add, r0, r1, r2, r3)                                           \
+    do {                                                                                              \
+        T sum12_ = (m1) + (m2), diff12_ = (m1) - (m2), sum34_ = (m3) + (m4), diff34_ = (m3) - (m4);   \
+        r0 = (m0) + sum12_ + sum34_ + (add);                                                          \
+        r1 = diff12_ + 2 * diff34_ + (add);                                                           \
+        r2 = sum12_ + 4 * sum34_ + (add);                                                             \
+        r3 = diff12_ + 8 * diff34_ + (m5) + (add);                                                    \
+    } while (0)
+
+/* A y, F(2, 3): 2 values to 4. */
+#define MC_AT2(y0, y1, r0, r1, r2, r3) \
+    do { r0 = (y0); r1 = (y0) + (y1); r2 = (y0) - (y1); r3 = -(y1); } while (0)
+
+/* A y, F(4, 3): 4 values to 6. */
+#define MC_AT4(T, y0, y1, y2, y3, r0, r1, r2, r3, r4, r5)                                              \
+    do {                                                                                              \
+        T even_ = (y0) + (y2), odd_ = (y1) + (y3), even4_ = (y0) + 4 * (y2), odd4_ = 2 * (y1) + 8 * (y3); \
+        r0 = (y0);                                                                                    \
+        r1 = even_ + odd_;                                                                            \
+        r2 = even_ - odd_;                                                                            \
+        r3 = even4_ + odd4_;                                                                          \
+        r4 = even4_ - odd4_;                                                                          \
+        r5 = (y3);                                                                                    \
+    } while (0)
+
+#define MC_WINOGRAD_ROWS(T, S)                                                                        \
+/* Windows, down the columns: r_b[i] = (B^T (d_0[i] .. d_3[i]))_b. */                                 \
+static inline void mc_wino2_input_columns_##S(const T* restrict d0, const T* restrict d1,              \
+        const T* restrict d2, const T* restrict d3, T* restrict r0, T* restrict r1, T* restrict r2,  \
+        T* restrict r3, ptrdiff_t n) {                                                               \
+    for (ptrdiff_t i = 0; i < n; i++)                                                                 \
+        MC_B2(d0[i], d1[i], d2[i], d3[i], r0[i], r1[i], r2[i], r3[i]);                               \
+}                                                                                                     \
+                                                                                                      \
+/* Windows, across a row: o_b[j] = (B^T (s[2j] .. s[2j + 3]))_b. */                                   \
+static inline void mc_wino2_input_row_##S(const T* restrict s, T* restrict o0, T* restrict o1,        \
+        T* restrict o2, T* restrict o3, ptrdiff_t count) {                                           \
+    for (ptrdiff_t j = 0; j < count; j++)                                                             \
+        MC_B2(s[2 * j], s[2 * j + 1], s[2 * j + 2], s[2 * j + 3], o0[j], o1[j], o2[j], o3[j]);       \
+}                                                                                                     \
+                                                                                                      \
+static inline void mc_wino4_input_columns_##S(const T* restrict d0, const T* restrict d1,              \
+        const T* restrict d2, const T* restrict d3, const T* restrict d4, const T* restrict d5,      \
+        T* restrict r0, T* restrict r1, T* restrict r2, T* restrict r3, T* restrict r4,               \
+        T* restrict r5, ptrdiff_t n) {                                                               \
+    for (ptrdiff_t i = 0; i < n; i++)                                                                 \
+        MC_B4(T, d0[i], d1[i], d2[i], d3[i], d4[i], d5[i], r0[i], r1[i], r2[i], r3[i], r4[i], r5[i]); \
+}                                                                                                     \
+                                                                                                      \
+static inline void mc_wino4_input_row_##S(const T* restrict s, T* restrict o0, T* restrict o1,        \
+        T* restrict o2, T* restrict o3, T* restrict o4, T* restrict o5, ptrdiff_t count) {           \
+    for (ptrdiff_t j = 0; j < count; j++)                                                             \
+        MC_B4(T, s[4 * j], s[4 * j + 1], s[4 * j + 2], s[4 * j + 3], s[4 * j + 4], s[4 * j + 5],     \
+              o0[j], o1[j], o2[j], o3[j], o4[j], o5[j]);                                              \
+}                                                                                                     \
+                                                                                                      \
+/* Outputs, down the columns: r_a[j] = (A^T (m_0[j] .. m_3[j]))_a. */                                 \
+static inline void mc_wino2_output_columns_##S(const T* restrict m0, const T* restrict m1,             \
+        const T* restrict m2, const T* restrict m3, T* restrict r0, T* restrict r1, ptrdiff_t n) {   \
+    for (ptrdiff_t j = 0; j < n; j++)                                                                 \
+        MC_A2(m0[j], m1[j], m2[j], m3[j], 0, r0[j], r1[j]);                                           \
+}                                                                                                     \
+                                                                                                      \
+/* Outputs, across: out[2j + a] = (A^T (c_0[j] .. c_3[j]))_a + bias. */                               \
+static inline void mc_wino2_output_row_##S(const T* restrict c0, const T* restrict c1,                 \
+        const T* restrict c2, const T* restrict c3, T bias, T* restrict out, ptrdiff_t count) {      \
+    for (ptrdiff_t j = 0; j < count; j++)                                                             \
+        MC_A2(c0[j], c1[j], c2[j], c3[j], bias, out[2 * j], out[2 * j + 1]);                          \
+}                                                                                                     \
+                                                                                                      \
+static inline void mc_wino4_output_columns_##S(const T* restrict m0, const T* restrict m1,             \
+        const T* restrict m2, const T* restrict m3, const T* restrict m4, const T* restrict m5,      \
+        T* restrict r0, T* restrict r1, T* restrict r2, T* restrict r3, ptrdiff_t n) {               \
+    for (ptrdiff_t j = 0; j < n; j++)                                                                 \
+        MC_A4(T, m0[j], m1[j], m2[j], m3[j], m4[j], m5[j], 0, r0[j], r1[j], r2[j], r3[j]);           \
+}                                                                                                     \
+                                                                                                      \
+static inline void mc_wino4_output_row_##S(const T* restrict c0, const T* restrict c1,                 \
+        const T* restrict c2, const T* restrict c3, const T* restrict c4, const T* restrict c5,      \
+        T bias, T* restrict out, ptrdiff_t count) {                                                  \
+    for (ptrdiff_t j = 0; j < count; j++)                                                             \
+        MC_A4(T, c0[j], c1[j], c2[j], c3[j], c4[j], c5[j], bias,                                      \
+              out[4 * j], out[4 * j + 1], out[4 * j + 2], out[4 * j + 3]);                            \
+}                                                                                                     \
+                                                                                                      \
+/* Output gradients, down the columns: r_b[i] = (A (y_0[i], y_1[i]))_b. */                           \
+static inline void mc_wino2_grad_columns_##S(const T* restrict y0, const T* restrict y1,               \
+        T* restrict r0, T* restrict r1, T* restrict r2, T* restrict r3, ptrdiff_t n) {               \
+    for (ptrdiff_t i = 0; i < n; i++)                                                                 \
+        MC_AT2(y0[i], y1[i], r0[i], r1[i], r2[i], r3[i]);                                             \
+}                                                                                                     \
+                                                                                                      \
+/* Output gradients, across: o_b[j] = (A (s[2j], s[2j + 1]))_b. */                                    \
+static inline void mc_wino2_grad_row_##S(const T* restrict s, T* restrict o0, T* restrict o1,         \
+        T* restrict o2, T* restrict o3, ptrdiff_t count) {                                           \
+    for (ptrdiff_t j = 0; j < count; j++)                                                             \
+        MC_AT2(s[2 * j], s[2 * j + 1], o0[j], o1[j], o2[j], o3[j]);                                   \
+}                                                                                                     \
+                                                                                                      \
+static inline void mc_wino4_grad_columns_##S(const T* restrict y0, const T* restrict y1,               \
+        const T* restrict y2, const T* restrict y3, T* restrict r0, T* restrict r1,                  \
+        T* restrict r2, T* restrict r3, T* restrict r4, T* restrict r5, ptrdiff_t n) {               \
+    for (ptrdiff_t i = 0; i < n; i++)                                                                 \
+        MC_AT4(T, y0[i], y1[i], y2[i], y3[i], r0[i], r1[i], r2[i], r3[i], r4[i], r5[i]);             \
+}                                                                                                     \
+                                                                                                      \
+static inline void mc_wino4_grad_row_##S(const T* restrict s, T* restrict o0, T* restrict o1,         \
+        T* restrict o2, T* restrict o3, T* restrict o4, T* restrict o5, ptrdiff_t count) {           \
+    for (ptrdiff_t j = 0; j < count; j++)                                                             \
+        MC_AT4(T, s[4 * j], s[4 * j + 1], s[4 * j + 2], s[4 * j + 3],                                 \
+               o0[j], o1[j], o2[j], o3[j], o4[j], o5[j]);                                             \
+}
+
+MC_WINOGRAD_ROWS(float, f)
+MC_WINOGRAD_ROWS(double, d)
+
+#undef MC_WINOGRAD_ROWS
+
+#endif
