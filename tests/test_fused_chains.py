@@ -156,6 +156,17 @@ def test_fused_kernels_reject_mismatched_per_channel_arrays():
 
 # -- nets --------------------------------------------------------------------------------------------
 
+def seeded_net(text, dtype, seed):
+    """A TRAIN net from prototxt text, its weights and its "data" and "target" inputs drawn from seed."""
+    rng.set_seed(seed)
+    with blob_dtype(dtype):
+        net = Net(text_format.Parse(text, pb.NetParameter()), phase=pb.TRAIN)
+    generator = np.random.default_rng(seed)
+    net.blobs["data"].data[...] = generator.standard_normal(net.blobs["data"].shape)
+    net.blobs["target"].data[...] = generator.standard_normal(net.blobs["target"].shape)
+    return net
+
+
 def chain_net(bn="", scale="bias_term: true", relu='layer { name: "relu" type: "ReLU" bottom: "c" top: "c" }',
               scale_params="", conv_params="", dtype=np.float64, seed=3):
     """conv -> BatchNorm -> Scale (-> ReLU), in place on "c" -> conv -> EuclideanLoss."""
@@ -172,13 +183,7 @@ def chain_net(bn="", scale="bias_term: true", relu='layer { name: "relu" type: "
                 convolution_param {{ num_output: 2 kernel_size: 1 weight_filler {{ type: "gaussian" }} }} }}
         layer {{ name: "loss" type: "EuclideanLoss" bottom: "out" bottom: "target" top: "loss" }}
     """
-    rng.set_seed(seed)
-    with blob_dtype(dtype):
-        net = Net(text_format.Parse(text, pb.NetParameter()), phase=pb.TRAIN)
-    generator = np.random.default_rng(seed)
-    net.blobs["data"].data[...] = generator.standard_normal(net.blobs["data"].shape)
-    net.blobs["target"].data[...] = generator.standard_normal(net.blobs["target"].shape)
-    return net
+    return seeded_net(text, dtype, seed)
 
 
 def unfused(net):
@@ -460,13 +465,7 @@ def split_net(consumers=2, eltwise="", relu="", data_gradient=False, dtype=np.fl
         layer {{ name: "relu" type: "ReLU" bottom: "sum" top: "sum" {relu} }}
         {consumer_layers or SPLIT_CONSUMERS[consumers]}
     """
-    rng.set_seed(seed)
-    with blob_dtype(dtype):
-        net = Net(text_format.Parse(text, pb.NetParameter()), phase=pb.TRAIN)
-    generator = np.random.default_rng(seed)
-    net.blobs["data"].data[...] = generator.standard_normal(net.blobs["data"].shape)
-    net.blobs["target"].data[...] = generator.standard_normal(net.blobs["target"].shape)
-    return net
+    return seeded_net(text, dtype, seed)
 
 
 def assert_same_bits(a, b):

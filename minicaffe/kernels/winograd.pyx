@@ -70,153 +70,72 @@ cdef inline void padded_rows(const floating* plane, int height, int width, int h
 
 
 cdef extern from "winograd_rows.h" nogil:
-    void mc_wino2_input_columns_f(const float* d0, const float* d1, const float* d2, const float* d3,
-                                  float* r0, float* r1, float* r2, float* r3, Py_ssize_t n)
-    void mc_wino2_input_columns_d(const double* d0, const double* d1, const double* d2, const double* d3,
-                                  double* r0, double* r1, double* r2, double* r3, Py_ssize_t n)
-    void mc_wino4_input_columns_f(const float* d0, const float* d1, const float* d2, const float* d3,
-                                  const float* d4, const float* d5, float* r0, float* r1, float* r2,
-                                  float* r3, float* r4, float* r5, Py_ssize_t n)
-    void mc_wino4_input_columns_d(const double* d0, const double* d1, const double* d2, const double* d3,
-                                  const double* d4, const double* d5, double* r0, double* r1, double* r2,
-                                  double* r3, double* r4, double* r5, Py_ssize_t n)
-    void mc_wino2_input_row_f(const float* s, float* o0, float* o1, float* o2, float* o3, Py_ssize_t count)
-    void mc_wino2_input_row_d(const double* s, double* o0, double* o1, double* o2, double* o3,
+    void mc_wino_input_columns_f(int tile, const float* d, Py_ssize_t step, float* r, Py_ssize_t n)
+    void mc_wino_input_columns_d(int tile, const double* d, Py_ssize_t step, double* r, Py_ssize_t n)
+    void mc_wino_input_row_f(int tile, const float* s, float* o, Py_ssize_t o_step, Py_ssize_t count)
+    void mc_wino_input_row_d(int tile, const double* s, double* o, Py_ssize_t o_step, Py_ssize_t count)
+    void mc_wino_output_columns_f(int tile, const float* m, Py_ssize_t step, float* r, Py_ssize_t r_step,
+                                  Py_ssize_t n)
+    void mc_wino_output_columns_d(int tile, const double* m, Py_ssize_t step, double* r, Py_ssize_t r_step,
+                                  Py_ssize_t n)
+    void mc_wino_output_row_f(int tile, const float* c, Py_ssize_t step, float bias, float* out,
                               Py_ssize_t count)
-    void mc_wino4_input_row_f(const float* s, float* o0, float* o1, float* o2, float* o3, float* o4,
-                              float* o5, Py_ssize_t count)
-    void mc_wino4_input_row_d(const double* s, double* o0, double* o1, double* o2, double* o3, double* o4,
-                              double* o5, Py_ssize_t count)
-    void mc_wino2_output_columns_f(const float* m0, const float* m1, const float* m2, const float* m3,
-                                   float* r0, float* r1, Py_ssize_t n)
-    void mc_wino2_output_columns_d(const double* m0, const double* m1, const double* m2, const double* m3,
-                                   double* r0, double* r1, Py_ssize_t n)
-    void mc_wino4_output_columns_f(const float* m0, const float* m1, const float* m2, const float* m3,
-                                   const float* m4, const float* m5, float* r0, float* r1, float* r2,
-                                   float* r3, Py_ssize_t n)
-    void mc_wino4_output_columns_d(const double* m0, const double* m1, const double* m2, const double* m3,
-                                   const double* m4, const double* m5, double* r0, double* r1, double* r2,
-                                   double* r3, Py_ssize_t n)
-    void mc_wino2_output_row_f(const float* c0, const float* c1, const float* c2, const float* c3, float bias,
-                               float* out, Py_ssize_t count)
-    void mc_wino2_output_row_d(const double* c0, const double* c1, const double* c2, const double* c3,
-                               double bias, double* out, Py_ssize_t count)
-    void mc_wino4_output_row_f(const float* c0, const float* c1, const float* c2, const float* c3,
-                               const float* c4, const float* c5, float bias, float* out, Py_ssize_t count)
-    void mc_wino4_output_row_d(const double* c0, const double* c1, const double* c2, const double* c3,
-                               const double* c4, const double* c5, double bias, double* out, Py_ssize_t count)
-    void mc_wino2_grad_columns_f(const float* y0, const float* y1, float* r0, float* r1, float* r2, float* r3,
-                                 Py_ssize_t n)
-    void mc_wino2_grad_columns_d(const double* y0, const double* y1, double* r0, double* r1, double* r2,
-                                 double* r3, Py_ssize_t n)
-    void mc_wino4_grad_columns_f(const float* y0, const float* y1, const float* y2, const float* y3,
-                                 float* r0, float* r1, float* r2, float* r3, float* r4, float* r5,
-                                 Py_ssize_t n)
-    void mc_wino4_grad_columns_d(const double* y0, const double* y1, const double* y2, const double* y3,
-                                 double* r0, double* r1, double* r2, double* r3, double* r4, double* r5,
-                                 Py_ssize_t n)
-    void mc_wino2_grad_row_f(const float* s, float* o0, float* o1, float* o2, float* o3, Py_ssize_t count)
-    void mc_wino2_grad_row_d(const double* s, double* o0, double* o1, double* o2, double* o3,
-                             Py_ssize_t count)
-    void mc_wino4_grad_row_f(const float* s, float* o0, float* o1, float* o2, float* o3, float* o4, float* o5,
-                             Py_ssize_t count)
-    void mc_wino4_grad_row_d(const double* s, double* o0, double* o1, double* o2, double* o3, double* o4,
-                             double* o5, Py_ssize_t count)
+    void mc_wino_output_row_d(int tile, const double* c, Py_ssize_t step, double bias, double* out,
+                              Py_ssize_t count)
+    void mc_wino_grad_columns_f(int tile, const float* y, Py_ssize_t step, float* r, Py_ssize_t n)
+    void mc_wino_grad_columns_d(int tile, const double* y, Py_ssize_t step, double* r, Py_ssize_t n)
+    void mc_wino_grad_row_f(int tile, const float* s, float* o, Py_ssize_t o_step, Py_ssize_t count)
+    void mc_wino_grad_row_d(int tile, const double* s, double* o, Py_ssize_t o_step, Py_ssize_t count)
 
 
-# The row loops of winograd_rows.h for a tile size and either element type: the rows a 1-D
-# transform reads (d, m, y) and writes (r) lie ``step`` elements apart, across a row the outputs
-# of a window ``o_step`` apart.
+# The row loops of winograd_rows.h for either element type: the rows a 1-D transform reads (d, m,
+# y) and writes (r) lie ``step`` apart, across a row the outputs of a window ``o_step`` apart.
 
 cdef inline void input_columns(int tile, const floating* d, long step, floating* r, long n) noexcept nogil:
     """r_b = (B^T d)_b row by row; d and r each hold tile + 2 rows, ``step`` apart."""
-    if tile == 2:
-        if floating is float:
-            mc_wino2_input_columns_f(d, d + step, d + 2 * step, d + 3 * step, r, r + step, r + 2 * step,
-                                     r + 3 * step, n)
-        else:
-            mc_wino2_input_columns_d(d, d + step, d + 2 * step, d + 3 * step, r, r + step, r + 2 * step,
-                                     r + 3 * step, n)
-    elif floating is float:
-        mc_wino4_input_columns_f(d, d + step, d + 2 * step, d + 3 * step, d + 4 * step, d + 5 * step, r,
-                                 r + step, r + 2 * step, r + 3 * step, r + 4 * step, r + 5 * step, n)
+    if floating is float:
+        mc_wino_input_columns_f(tile, d, step, r, n)
     else:
-        mc_wino4_input_columns_d(d, d + step, d + 2 * step, d + 3 * step, d + 4 * step, d + 5 * step, r,
-                                 r + step, r + 2 * step, r + 3 * step, r + 4 * step, r + 5 * step, n)
+        mc_wino_input_columns_d(tile, d, step, r, n)
 
 
 cdef inline void input_row(int tile, const floating* s, floating* o, long o_step, long count) noexcept nogil:
-    if tile == 2:
-        if floating is float:
-            mc_wino2_input_row_f(s, o, o + o_step, o + 2 * o_step, o + 3 * o_step, count)
-        else:
-            mc_wino2_input_row_d(s, o, o + o_step, o + 2 * o_step, o + 3 * o_step, count)
-    elif floating is float:
-        mc_wino4_input_row_f(s, o, o + o_step, o + 2 * o_step, o + 3 * o_step, o + 4 * o_step, o + 5 * o_step,
-                             count)
+    if floating is float:
+        mc_wino_input_row_f(tile, s, o, o_step, count)
     else:
-        mc_wino4_input_row_d(s, o, o + o_step, o + 2 * o_step, o + 3 * o_step, o + 4 * o_step, o + 5 * o_step,
-                             count)
+        mc_wino_input_row_d(tile, s, o, o_step, count)
 
 
 cdef inline void output_columns(int tile, const floating* m, long step, floating* r, long r_step,
                                 long n) noexcept nogil:
     """r_a = (A^T m)_a: tile + 2 rows of m ``step`` apart to ``tile`` rows of r ``r_step`` apart."""
-    if tile == 2:
-        if floating is float:
-            mc_wino2_output_columns_f(m, m + step, m + 2 * step, m + 3 * step, r, r + r_step, n)
-        else:
-            mc_wino2_output_columns_d(m, m + step, m + 2 * step, m + 3 * step, r, r + r_step, n)
-    elif floating is float:
-        mc_wino4_output_columns_f(m, m + step, m + 2 * step, m + 3 * step, m + 4 * step, m + 5 * step, r,
-                                  r + r_step, r + 2 * r_step, r + 3 * r_step, n)
+    if floating is float:
+        mc_wino_output_columns_f(tile, m, step, r, r_step, n)
     else:
-        mc_wino4_output_columns_d(m, m + step, m + 2 * step, m + 3 * step, m + 4 * step, m + 5 * step, r,
-                                  r + r_step, r + 2 * r_step, r + 3 * r_step, n)
+        mc_wino_output_columns_d(tile, m, step, r, r_step, n)
 
 
 cdef inline void output_row(int tile, const floating* c, long step, floating bias, floating* out,
                             long count) noexcept nogil:
-    if tile == 2:
-        if floating is float:
-            mc_wino2_output_row_f(c, c + step, c + 2 * step, c + 3 * step, bias, out, count)
-        else:
-            mc_wino2_output_row_d(c, c + step, c + 2 * step, c + 3 * step, bias, out, count)
-    elif floating is float:
-        mc_wino4_output_row_f(c, c + step, c + 2 * step, c + 3 * step, c + 4 * step, c + 5 * step, bias, out,
-                              count)
+    if floating is float:
+        mc_wino_output_row_f(tile, c, step, bias, out, count)
     else:
-        mc_wino4_output_row_d(c, c + step, c + 2 * step, c + 3 * step, c + 4 * step, c + 5 * step, bias, out,
-                              count)
+        mc_wino_output_row_d(tile, c, step, bias, out, count)
 
 
 cdef inline void grad_columns(int tile, const floating* y, long step, floating* r, long n) noexcept nogil:
     """r_b = (A y)_b: ``tile`` rows of y to tile + 2 rows of r, each ``step`` apart."""
-    if tile == 2:
-        if floating is float:
-            mc_wino2_grad_columns_f(y, y + step, r, r + step, r + 2 * step, r + 3 * step, n)
-        else:
-            mc_wino2_grad_columns_d(y, y + step, r, r + step, r + 2 * step, r + 3 * step, n)
-    elif floating is float:
-        mc_wino4_grad_columns_f(y, y + step, y + 2 * step, y + 3 * step, r, r + step, r + 2 * step,
-                                r + 3 * step, r + 4 * step, r + 5 * step, n)
+    if floating is float:
+        mc_wino_grad_columns_f(tile, y, step, r, n)
     else:
-        mc_wino4_grad_columns_d(y, y + step, y + 2 * step, y + 3 * step, r, r + step, r + 2 * step,
-                                r + 3 * step, r + 4 * step, r + 5 * step, n)
+        mc_wino_grad_columns_d(tile, y, step, r, n)
 
 
 cdef inline void grad_row(int tile, const floating* s, floating* o, long o_step, long count) noexcept nogil:
-    if tile == 2:
-        if floating is float:
-            mc_wino2_grad_row_f(s, o, o + o_step, o + 2 * o_step, o + 3 * o_step, count)
-        else:
-            mc_wino2_grad_row_d(s, o, o + o_step, o + 2 * o_step, o + 3 * o_step, count)
-    elif floating is float:
-        mc_wino4_grad_row_f(s, o, o + o_step, o + 2 * o_step, o + 3 * o_step, o + 4 * o_step, o + 5 * o_step,
-                            count)
+    if floating is float:
+        mc_wino_grad_row_f(tile, s, o, o_step, count)
     else:
-        mc_wino4_grad_row_d(s, o, o + o_step, o + 2 * o_step, o + 3 * o_step, o + 4 * o_step, o + 5 * o_step,
-                            count)
+        mc_wino_grad_row_d(tile, s, o, o_step, count)
 
 
 # -- the filter transforms, 3 values to tile + 2 and back, at strides --------------------------------

@@ -147,6 +147,59 @@ static inline void mc_wino4_grad_row_##S(const T* restrict s, T* restrict o0, T*
     for (ptrdiff_t j = 0; j < count; j++)                                                             \
         MC_AT4(T, s[4 * j], s[4 * j + 1], s[4 * j + 2], s[4 * j + 3],                                 \
                o0[j], o1[j], o2[j], o3[j], o4[j], o5[j]);                                             \
+}                                                                                                     \
+                                                                                                      \
+/* The loops above for a tile size (2 or 4), with rows given as a first row and the distance between \
+ * rows: what winograd.pyx calls. */                                                                  \
+static inline void mc_wino_input_columns_##S(int tile, const T* d, ptrdiff_t step, T* r, ptrdiff_t n) { \
+    if (tile == 2)                                                                                    \
+        mc_wino2_input_columns_##S(d, d + step, d + 2 * step, d + 3 * step, r, r + step, r + 2 * step, \
+                                   r + 3 * step, n);                                                  \
+    else                                                                                              \
+        mc_wino4_input_columns_##S(d, d + step, d + 2 * step, d + 3 * step, d + 4 * step, d + 5 * step, \
+                                   r, r + step, r + 2 * step, r + 3 * step, r + 4 * step, r + 5 * step, n); \
+}                                                                                                     \
+                                                                                                      \
+static inline void mc_wino_input_row_##S(int tile, const T* s, T* o, ptrdiff_t o_step, ptrdiff_t count) { \
+    if (tile == 2)                                                                                    \
+        mc_wino2_input_row_##S(s, o, o + o_step, o + 2 * o_step, o + 3 * o_step, count);              \
+    else                                                                                              \
+        mc_wino4_input_row_##S(s, o, o + o_step, o + 2 * o_step, o + 3 * o_step, o + 4 * o_step,      \
+                               o + 5 * o_step, count);                                                \
+}                                                                                                     \
+                                                                                                      \
+static inline void mc_wino_output_columns_##S(int tile, const T* m, ptrdiff_t step, T* r, ptrdiff_t r_step, \
+                                              ptrdiff_t n) {                                          \
+    if (tile == 2)                                                                                    \
+        mc_wino2_output_columns_##S(m, m + step, m + 2 * step, m + 3 * step, r, r + r_step, n);       \
+    else                                                                                              \
+        mc_wino4_output_columns_##S(m, m + step, m + 2 * step, m + 3 * step, m + 4 * step, m + 5 * step, \
+                                    r, r + r_step, r + 2 * r_step, r + 3 * r_step, n);                \
+}                                                                                                     \
+                                                                                                      \
+static inline void mc_wino_output_row_##S(int tile, const T* c, ptrdiff_t step, T bias, T* out,       \
+                                          ptrdiff_t count) {                                          \
+    if (tile == 2)                                                                                    \
+        mc_wino2_output_row_##S(c, c + step, c + 2 * step, c + 3 * step, bias, out, count);           \
+    else                                                                                              \
+        mc_wino4_output_row_##S(c, c + step, c + 2 * step, c + 3 * step, c + 4 * step, c + 5 * step,  \
+                                bias, out, count);                                                    \
+}                                                                                                     \
+                                                                                                      \
+static inline void mc_wino_grad_columns_##S(int tile, const T* y, ptrdiff_t step, T* r, ptrdiff_t n) { \
+    if (tile == 2)                                                                                    \
+        mc_wino2_grad_columns_##S(y, y + step, r, r + step, r + 2 * step, r + 3 * step, n);           \
+    else                                                                                              \
+        mc_wino4_grad_columns_##S(y, y + step, y + 2 * step, y + 3 * step, r, r + step, r + 2 * step, \
+                                  r + 3 * step, r + 4 * step, r + 5 * step, n);                       \
+}                                                                                                     \
+                                                                                                      \
+static inline void mc_wino_grad_row_##S(int tile, const T* s, T* o, ptrdiff_t o_step, ptrdiff_t count) { \
+    if (tile == 2)                                                                                    \
+        mc_wino2_grad_row_##S(s, o, o + o_step, o + 2 * o_step, o + 3 * o_step, count);               \
+    else                                                                                              \
+        mc_wino4_grad_row_##S(s, o, o + o_step, o + 2 * o_step, o + 3 * o_step, o + 4 * o_step,       \
+                              o + 5 * o_step, count);                                                 \
 }
 
 MC_WINOGRAD_ROWS(float, f)
