@@ -1,11 +1,14 @@
 /* Row loops of the per-channel kernels in batchnorm.pyx, over one contiguous row of a channel.
  *
- * Sums run in double (the float data converted on load) in two vectors of eight lanes, then the
- * lanes in a fixed tree and the tail after them: the order depends only on the row length, never on
- * the thread count. Written with GCC vector extensions because neither GCC nor Cython vectorizes a
- * double reduction on its own (no -ffast-math); without AVX-512 GCC splits the vectors, same order.
+ * Sums run in double (the float data converted on load) in two vectors of eight lanes, the row's
+ * last partial block of 16 included, then the lanes in a fixed tree: the order depends only on the
+ * row length, never on the thread count. Written with GCC vector extensions because neither GCC nor
+ * Cython vectorizes a double reduction on its own (no -ffast-math); without AVX-512 GCC splits the
+ * vectors, same order.
  *
- * Each function exists for float (_f) and double (_d), stamped out by MC_ROW_KERNELS.
+ * Each function exists for float (_f) and double (_d), stamped out by MC_SUM_KERNELS,
+ * MC_NORMALIZE_KERNELS and MC_BACKWARD_KERNELS; with AVX-512 the float backward ones are written in
+ * intrinsics instead.
  */
 #ifndef MINICAFFE_CHANNEL_ROWS_H
 #define MINICAFFE_CHANNEL_ROWS_H
@@ -13,8 +16,15 @@
 #include <stddef.h>
 #include <string.h>
 
+#if defined(__AVX512F__) && defined(__AVX512VL__) && defined(__FP_FAST_FMAF)
+#define MC_AVX512 1
+#include <immintrin.h>
+#include <stdint.h>
+#endif
+
 typedef double mc_v8d __attribute__((vector_size(64)));
 typedef float mc_v8f __attribute__((vector_size(32)));
+typedef long long mc_v8l __attribute__((vector_size(64)));
 
 static inline mc_v8d mc_load8_f(const float* p) {
     mc_v8f v;
@@ -26,6 +36,35 @@ static inline mc_v8d mc_load8_d(const double* p) {
     mc_v8d v;
     memcpy(&v, p, sizeof v);
     return v;
+}
+
+/* The first count (0 to 8) elements at p, zeros after them; nothing past them is read. */
+static inline mc_v8d mc_load_part8_f(const float* p, ptrdiff_t count) {
+#ifdef MC_AVX512
+    return _mm512_cvtps_pd(_mm256_maskz_loadu_ps((__mmask8)((1u << count) - 1), p));
+#else
+    mc_v8d v = {0};
+    for (ptrdiff_t k = 0; k < count; k++)
+        v[k] = p[k];
+    return v;
+#endif
+}
+
+static inline mc_v8d mc_load_part8_d(const double* p, ptrdiff_t count) {
+#ifdef MC_AVX512
+    return _mm512_maskz_loadu_pd((__mmask8)((1u << count) - 1), p);
+#else
+    mc_v8d v = {0};
+    for (ptrdiff_t k = 0; k < count; k++)
+        v[k] = p[k];
+    return v;
+#endif
+}
+
+/* v with the lanes from count on set to 0. */
+static inline mc_v8d mc_first_lanes(mc_v8d v, ptrdiff_t count) {
+    const mc_v8l lane = {0, 1, 2, 3, 4, 5, 6, 7};
+    return (mc_v8d)((mc_v8l)v & (lane < count));
 }
 
 static inline double mc_lanes_total(mc_v8d v) {
@@ -46,23 +85,27 @@ static inline double mc_lanes_total(mc_v8d v) {
 #define MC_MULADD_d(a, b, c) ((a) * (b) + (c))
 #endif
 
-#define MC_ROW_KERNELS(T, S)                                                                          \
+/* The sums. The last n % 16 elements go through the same vectors as the rest, loaded partly (the
+ * unused lanes 0), so a short row (ResNet-50's 49 or 196 floats) needs no scalar tail; the order of
+ * the additions still depends on n alone. */
+#define MC_SUM_KERNELS(T, S)                                                                          \
 /* *sum += sum of (x - shift), *squares += sum of (x - shift)^2. */                                   \
 static inline void mc_shifted_moments_##S(const T* x, ptrdiff_t n, double shift, double* sum,        \
                                           double* squares) {                                         \
-    mc_v8d s0 = {0}, s1 = {0}, q0 = {0}, q1 = {0};                                                    \
+    mc_v8d s0 = {0}, s1 = {0}, q0 = {0}, q1 = {0}, d0, d1;                                            \
     ptrdiff_t i = 0;                                                                                  \
     for (; i + 16 <= n; i += 16) {                                                                    \
-        mc_v8d d0 = mc_load8_##S(x + i) - shift, d1 = mc_load8_##S(x + i + 8) - shift;               \
+        d0 = mc_load8_##S(x + i) - shift, d1 = mc_load8_##S(x + i + 8) - shift;                       \
         s0 += d0; s1 += d1; q0 += d0 * d0; q1 += d1 * d1;                                             \
     }                                                                                                 \
-    double ts = mc_lanes_total(s0 + s1), tq = mc_lanes_total(q0 + q1);                               \
-    for (; i < n; i++) {                                                                              \
-        double d = (double)x[i] - shift;                                                              \
-        ts += d; tq += d * d;                                                                         \
+    if (i < n) {                                                                                      \
+        ptrdiff_t low = n - i < 8 ? n - i : 8, high = n - i - low;                                    \
+        d0 = mc_first_lanes(mc_load_part8_##S(x + i, low) - shift, low);                              \
+        d1 = mc_first_lanes(mc_load_part8_##S(x + i + 8, high) - shift, high);                        \
+        s0 += d0; s1 += d1; q0 += d0 * d0; q1 += d1 * d1;                                             \
     }                                                                                                 \
-    *sum += ts;                                                                                       \
-    *squares += tq;                                                                                   \
+    *sum += mc_lanes_total(s0 + s1);                                                                  \
+    *squares += mc_lanes_total(q0 + q1);                                                              \
 }                                                                                                     \
                                                                                                       \
 /* *sum += sum of x. */                                                                               \
@@ -72,29 +115,33 @@ static inline void mc_sum_##S(const T* x, ptrdiff_t n, double* sum) {           
     for (; i + 16 <= n; i += 16) {                                                                    \
         s0 += mc_load8_##S(x + i); s1 += mc_load8_##S(x + i + 8);                                     \
     }                                                                                                 \
-    double ts = mc_lanes_total(s0 + s1);                                                              \
-    for (; i < n; i++)                                                                                \
-        ts += x[i];                                                                                   \
-    *sum += ts;                                                                                       \
+    if (i < n) {                                                                                      \
+        ptrdiff_t low = n - i < 8 ? n - i : 8;                                                        \
+        s0 += mc_load_part8_##S(x + i, low); s1 += mc_load_part8_##S(x + i + 8, n - i - low);         \
+    }                                                                                                 \
+    *sum += mc_lanes_total(s0 + s1);                                                                  \
 }                                                                                                     \
                                                                                                       \
 /* *sum += sum of a, *dot += sum of a * b. */                                                         \
 static inline void mc_sum_dot_##S(const T* a, const T* b, ptrdiff_t n, double* sum, double* dot) {   \
-    mc_v8d s0 = {0}, s1 = {0}, p0 = {0}, p1 = {0};                                                    \
+    mc_v8d s0 = {0}, s1 = {0}, p0 = {0}, p1 = {0}, a0, a1;                                            \
     ptrdiff_t i = 0;                                                                                  \
     for (; i + 16 <= n; i += 16) {                                                                    \
-        mc_v8d a0 = mc_load8_##S(a + i), a1 = mc_load8_##S(a + i + 8);                                \
+        a0 = mc_load8_##S(a + i), a1 = mc_load8_##S(a + i + 8);                                       \
         s0 += a0; s1 += a1;                                                                           \
         p0 += a0 * mc_load8_##S(b + i); p1 += a1 * mc_load8_##S(b + i + 8);                          \
     }                                                                                                 \
-    double ts = mc_lanes_total(s0 + s1), tp = mc_lanes_total(p0 + p1);                               \
-    for (; i < n; i++) {                                                                              \
-        ts += a[i]; tp += (double)a[i] * b[i];                                                        \
+    if (i < n) {                                                                                      \
+        ptrdiff_t low = n - i < 8 ? n - i : 8, high = n - i - low;                                    \
+        a0 = mc_load_part8_##S(a + i, low), a1 = mc_load_part8_##S(a + i + 8, high);                  \
+        s0 += a0; s1 += a1;                                                                           \
+        p0 += a0 * mc_load_part8_##S(b + i, low); p1 += a1 * mc_load_part8_##S(b + i + 8, high);     \
     }                                                                                                 \
-    *sum += ts;                                                                                       \
-    *dot += tp;                                                                                       \
-}                                                                                                     \
-                                                                                                      \
+    *sum += mc_lanes_total(s0 + s1);                                                                  \
+    *dot += mc_lanes_total(p0 + p1);                                                                  \
+}
+
+#define MC_NORMALIZE_KERNELS(T, S)                                                                    \
 /* x_norm = (x - mean) * factor, y = x_norm * scale + shift; y may be x. */                          \
 static inline void mc_normalize_##S(const T* x, T* y, T* x_norm, ptrdiff_t n, T mean, T factor,     \
                                     T scale, T shift) {                                               \
@@ -126,7 +173,8 @@ static inline void mc_normalize_relu_##S(const T* x, T* y, T* x_norm, ptrdiff_t 
         y[i] = t <= 0 ? t * negative_slope : t;                                                       \
     }                                                                                                 \
 }                                                                                                     \
-                                                                                                      \
+
+#define MC_BACKWARD_KERNELS(T, S)                                                                     \
 /* ReLU's gradient from its input t = x_norm * scale + shift, recomputed (the same float operations \
  * as mc_normalize_relu, so the same t): g = dy where t > 0, else negative_slope * dy; g may be dy. */\
 static inline void mc_relu_gradient_##S(const T* dy, const T* x_norm, T* g, ptrdiff_t n, T scale,    \
@@ -144,19 +192,76 @@ static inline void mc_normalize_backward_##S(const T* dy, const T* x_norm, T* dx
         dx[i] = (dy[i] * scale - mean_dy - x_norm[i] * mean_dy_x_norm) * factor;                      \
 }
 
-MC_ROW_KERNELS(float, f)
-MC_ROW_KERNELS(double, d)
+MC_SUM_KERNELS(float, f)
+MC_SUM_KERNELS(double, d)
+MC_NORMALIZE_KERNELS(float, f)
+MC_NORMALIZE_KERNELS(double, d)
+MC_BACKWARD_KERNELS(double, d)
 
-#undef MC_ROW_KERNELS
+#ifdef MC_AVX512
+/* The float backward passes in AVX-512, a row's last n % 16 elements in one masked vector rather
+ * than a scalar loop (up to 15 of the 49 or 196 floats of ResNet-50's 7x7 and 14x14 rows), with the
+ * scalar loops' arithmetic per element (x_norm * scale + shift in one FMA). */
+
+/* Masks of the first count of 16 lanes, count 0 to 16. */
+static inline __mmask16 mc_first16(ptrdiff_t count) {
+    return (__mmask16)((1u << count) - 1);
+}
+
+/* ReLU's gradient over the lanes k of 16 (see mc_relu_gradient_f). */
+static inline void mc_relu_gradient16_f(const float* dy, const float* x_norm, float* g, __mmask16 k, __m512 scale,
+                                        __m512 shift, __m512 slope) {
+    __m512 d = _mm512_maskz_loadu_ps(k, dy);
+    __mmask16 open = _mm512_cmp_ps_mask(_mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, x_norm), scale, shift),
+                                        _mm512_setzero_ps(), _CMP_GT_OQ);
+    _mm512_mask_storeu_ps(g, k, _mm512_mask_mov_ps(_mm512_mul_ps(d, slope), open, d));
+}
+
+/* ReLU's gradient from its input t = x_norm * scale + shift, recomputed (the same float operations
+ * as mc_normalize_streaming_f, so the same t): g = dy where t > 0, else negative_slope * dy; g may be
+ * dy. */
+static inline void mc_relu_gradient_f(const float* dy, const float* x_norm, float* g, ptrdiff_t n, float scale,
+                                      float shift, float negative_slope) {
+    const __m512 s = _mm512_set1_ps(scale), b = _mm512_set1_ps(shift), slope = _mm512_set1_ps(negative_slope);
+    ptrdiff_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        mc_relu_gradient16_f(dy + i, x_norm + i, g + i, 0xffff, s, b, slope);
+    if (i < n)
+        mc_relu_gradient16_f(dy + i, x_norm + i, g + i, mc_first16(n - i), s, b, slope);
+}
+
+/* The backward formula over the lanes k of 16 (see mc_normalize_backward_f). */
+static inline void mc_normalize_backward16_f(const float* dy, const float* x_norm, float* dx, __mmask16 k,
+                                             __m512 scale, __m512 mean_dy, __m512 mean_dy_x_norm, __m512 factor) {
+    __m512 t = _mm512_fmsub_ps(_mm512_maskz_loadu_ps(k, dy), scale, mean_dy);
+    t = _mm512_fnmadd_ps(_mm512_maskz_loadu_ps(k, x_norm), mean_dy_x_norm, t);
+    _mm512_mask_storeu_ps(dx, k, _mm512_mul_ps(t, factor));
+}
+
+/* dx = (dy * scale - mean_dy - x_norm * mean_dy_x_norm) * factor; dx may be dy. */
+static inline void mc_normalize_backward_f(const float* dy, const float* x_norm, float* dx, ptrdiff_t n,
+                                           float scale, float mean_dy, float mean_dy_x_norm, float factor) {
+    const __m512 s = _mm512_set1_ps(scale), m = _mm512_set1_ps(mean_dy), mx = _mm512_set1_ps(mean_dy_x_norm),
+                 f = _mm512_set1_ps(factor);
+    ptrdiff_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        mc_normalize_backward16_f(dy + i, x_norm + i, dx + i, 0xffff, s, m, mx, f);
+    if (i < n)
+        mc_normalize_backward16_f(dy + i, x_norm + i, dx + i, mc_first16(n - i), s, m, mx, f);
+}
+#else
+MC_BACKWARD_KERNELS(float, f)
+#endif
+
+#undef MC_SUM_KERNELS
+#undef MC_NORMALIZE_KERNELS
+#undef MC_BACKWARD_KERNELS
 
 /* mc_normalize (relu 0) or mc_normalize_relu (relu 1) for float, x_norm written with non-temporal
  * stores: it is read again only by the backward pass, long after it has left the caches, so this
  * skips reading its old contents in and saves a quarter of the forward's memory traffic. The
  * arithmetic is the same (one FMA for x_norm * scale + shift), so are the results. */
-#if defined(__AVX512F__) && defined(__FP_FAST_FMAF)
-#include <immintrin.h>
-#include <stdint.h>
-
+#ifdef MC_AVX512
 static inline void mc_normalize_streaming_f(const float* x, float* y, float* x_norm, ptrdiff_t n, float mean,
                                             float factor, float scale, float shift, int relu,
                                             float negative_slope) {
