@@ -355,6 +355,24 @@ def test_winograd_conv_matches_reference(threads, monkeypatch, num_threads, dtyp
     np.testing.assert_allclose(db, db_ref, **tol)
 
 
+@pytest.mark.parametrize("num_threads", [1, 2])
+@pytest.mark.parametrize("tile", [2, 4])
+def test_winograd_filter_transforms_cross_their_chunks(threads, monkeypatch, num_threads, tile):
+    """The filter transforms take 64 filters at a time (MC_WINO_FILTER_CHUNK): rows of 150 input and
+    133 output channels end in partial chunks, for the filters (a row over c), the adjoint's filters
+    (a row over m) and the filter gradients (a row over c)."""
+    threads(num_threads)
+    force_winograd(monkeypatch, tile)
+    args = ((1, 1), (1, 1), (1, 1), 1)
+    x, w, bias, dy = random_conv((1, 150, 5, 4), (133, (3, 3)), *args, np.float64)
+    tol = tolerance(np.float64)
+    np.testing.assert_allclose(run_forward(x, w, bias, *args), conv_ref(x, w, bias, *args), **tol)
+    dx_ref, dw_ref, _ = conv_backward_ref(x, w, dy, *args)
+    dx, dw, _ = run_backward(x, w, dy, *args)
+    np.testing.assert_allclose(dx, dx_ref, **tol)
+    np.testing.assert_allclose(dw, dw_ref, **tol)
+
+
 @pytest.mark.parametrize("tile", [2, 4])
 def test_winograd_is_deterministic_for_a_thread_count(threads, monkeypatch, tile):
     threads(2)

@@ -302,8 +302,9 @@ cdef void winograd_backward(const Plan* p, const floating* x, const floating* w,
     cdef TileGrid adjoint_grid = make_grid(p.batch, cout, p.geom.out_h, p.geom.out_w, cin, p.geom.height,
                                            p.geom.width, 2 - p.geom.pad_h, 2 - p.geom.pad_w, p.wino_tile)
     if dx != NULL:
-        for m in prange(cout, num_threads=team_size(cout, threads), schedule='static'):
-            filter_row(w, m, cin, cout, True, p.wino_tile, u)
+        # Row c of the adjoint's filters is a run over m: one contiguous store per plane.
+        for c in prange(cin, num_threads=team_size(cin, threads), schedule='static'):
+            filter_row(w, c, cin, cout, True, p.wino_tile, u)
         winograd_apply(&adjoint_grid, dy, u, NULL, dx, v, z, block, scratch, scratch_size, threads)
     if db != NULL:
         for m in prange(cout, num_threads=team_size(cout, threads), schedule='static'):

@@ -27,7 +27,7 @@ cdef void input_channel(const TileGrid* g, const floating* x, int c, long t0, in
 cdef void output_grad_channel(const TileGrid* g, const floating* dy, int m, long t0, int count,
                               floating* z, long ld, floating* scratch) noexcept nogil
 
-cdef void filter_row(const floating* w, int m, int in_channels, int out_channels, bint rotate, int tile,
+cdef void filter_row(const floating* w, int row, int in_channels, int out_channels, bint adjoint, int tile,
                      floating* u) noexcept nogil
 
 cdef void add_filter_grad_row(const floating* du, int m, int out_channels, int in_channels, int tile,

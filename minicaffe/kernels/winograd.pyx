@@ -86,6 +86,12 @@ cdef extern from "winograd_rows.h" nogil:
     void mc_wino_grad_columns_d(int tile, const double* y, Py_ssize_t step, double* r, Py_ssize_t n)
     void mc_wino_grad_row_f(int tile, const float* s, float* o, Py_ssize_t o_step, Py_ssize_t count)
     void mc_wino_grad_row_d(int tile, const double* s, double* o, Py_ssize_t o_step, Py_ssize_t count)
+    void mc_wino_filters_f(int tile, const float* w, Py_ssize_t w_step, bint rotate, float* u,
+                           Py_ssize_t k_stride, Py_ssize_t n)
+    void mc_wino_filters_d(int tile, const double* w, Py_ssize_t w_step, bint rotate, double* u,
+                           Py_ssize_t k_stride, Py_ssize_t n)
+    void mc_wino_add_filter_grads_f(int tile, const float* du, Py_ssize_t k_stride, float* dw, Py_ssize_t n)
+    void mc_wino_add_filter_grads_d(int tile, const double* du, Py_ssize_t k_stride, double* dw, Py_ssize_t n)
 
 
 # The row loops of winograd_rows.h for either element type: the rows a 1-D transform reads (d, m,
@@ -136,41 +142,6 @@ cdef inline void grad_row(int tile, const floating* s, floating* o, long o_step,
         mc_wino_grad_row_f(tile, s, o, o_step, count)
     else:
         mc_wino_grad_row_d(tile, s, o, o_step, count)
-
-
-# -- the filter transforms, 3 values to tile + 2 and back, at strides --------------------------------
-
-cdef inline void filter_1d(int tile, const floating* g, long step, floating* r, long out_step) noexcept nogil:
-    """G g, 3 values to tile + 2."""
-    cdef floating g0 = g[0], g1 = g[step], g2 = g[2 * step]
-    if tile == 2:
-        r[0] = g0
-        r[out_step] = (g0 + g1 + g2) * <floating>0.5
-        r[2 * out_step] = (g0 - g1 + g2) * <floating>0.5
-        r[3 * out_step] = g2
-        return
-    cdef floating outer = g0 * <floating>(1.0 / 24) + g2 * <floating>(1.0 / 6)
-    r[0] = g0 * <floating>0.25
-    r[out_step] = (g0 + g1 + g2) * <floating>(-1.0 / 6)
-    r[2 * out_step] = (g0 - g1 + g2) * <floating>(-1.0 / 6)
-    r[3 * out_step] = outer + g1 * <floating>(1.0 / 12)
-    r[4 * out_step] = outer - g1 * <floating>(1.0 / 12)
-    r[5 * out_step] = g2
-
-
-cdef inline void filter_grad_1d(int tile, const floating* d, long step, floating* r,
-                                long out_step) noexcept nogil:
-    """G^T d, tile + 2 values to 3: the adjoint of filter_1d."""
-    cdef floating d1 = d[step], d2 = d[2 * step], d3 = d[3 * step]
-    if tile == 2:
-        r[0] = d[0] + (d1 + d2) * <floating>0.5
-        r[out_step] = (d1 - d2) * <floating>0.5
-        r[2 * out_step] = (d1 + d2) * <floating>0.5 + d3
-        return
-    cdef floating d4 = d[4 * step], sum12 = d1 + d2, sum34 = d3 + d4
-    r[0] = d[0] * <floating>0.25 - sum12 * <floating>(1.0 / 6) + sum34 * <floating>(1.0 / 24)
-    r[out_step] = (d2 - d1) * <floating>(1.0 / 6) + (d3 - d4) * <floating>(1.0 / 12)
-    r[2 * out_step] = (sum34 - sum12) * <floating>(1.0 / 6) + d[5 * step]
 
 
 # -- transforms over runs of tiles along a tile row ------------------------------------------------
@@ -259,45 +230,33 @@ cdef void output_grad_channel(const TileGrid* g, const floating* dy, int m, long
         tile += run
 
 
-cdef void filter_row(const floating* w, int m, int in_channels, int out_channels, bint rotate, int tile,
+cdef void filter_row(const floating* w, int row, int in_channels, int out_channels, bint adjoint, int tile,
                      floating* u) noexcept nogil:
-    """u[k][m][c] = (G g G^T)[k], g = w[m, c] (or for the adjoint, u[k][c][m] with g rotated 180);
-    planes plane_stride(in * out) apart, as in every transformed array below."""
-    cdef int c, a, alpha = tile + 2
-    cdef floating g[9]
-    cdef floating t[18]
-    cdef const floating* src
-    cdef long k_stride = plane_stride(<long>in_channels * out_channels), at
-    for c in range(in_channels):
-        src = w + (<long>m * in_channels + c) * 9
-        for a in range(9):
-            g[a] = src[8 - a] if rotate else src[a]
-        for a in range(3):
-            filter_1d(tile, g + a, 3, t + a, 3)
-        at = <long>c * out_channels + m if rotate else <long>m * in_channels + c
-        for a in range(alpha):
-            filter_1d(tile, t + 3 * a, 1, u + alpha * a * k_stride + at, k_stride)
+    """Row ``row`` of the transformed filters, planes plane_stride(in * out) apart as in every
+    transformed array below: u[k][m][c] = (G g G^T)[k] with g = w[m, c] for every c (m = row), or
+    for the adjoint u[k][c][m] with g = w[m, c] rotated by 180 degrees for every m (c = row). Either
+    way each plane gets one contiguous run."""
+    cdef long k_stride = plane_stride(<long>in_channels * out_channels)
+    cdef const floating* first = w + <long>row * (9 if adjoint else 9 * in_channels)
+    cdef long w_step = 9 * in_channels if adjoint else 9
+    cdef int n = out_channels if adjoint else in_channels
+    u += <long>row * n
+    if floating is float:
+        mc_wino_filters_f(tile, first, w_step, adjoint, u, k_stride, n)
+    else:
+        mc_wino_filters_d(tile, first, w_step, adjoint, u, k_stride, n)
 
 
 cdef void add_filter_grad_row(const floating* du, int m, int out_channels, int in_channels, int tile,
                               floating* dw) noexcept nogil:
     """dw[m, c] += G^T dU[m, c] G for every c, dU[k][m][c] at du + k * plane_stride(out * in) + m * in + c."""
-    cdef int c, a, b, alpha = tile + 2
-    cdef floating t[18]
-    cdef floating grad[9]
-    cdef floating* dst
     cdef long k_stride = plane_stride(<long>out_channels * in_channels)
-    cdef const floating* d
-    for c in range(in_channels):
-        d = du + <long>m * in_channels + c
-        # G^T dU (3 x alpha), then (G^T dU) G (3 x 3).
-        for b in range(alpha):
-            filter_grad_1d(tile, d + b * k_stride, alpha * k_stride, t + b, alpha)
-        for a in range(3):
-            filter_grad_1d(tile, t + alpha * a, 1, grad + 3 * a, 1)
-        dst = dw + (<long>m * in_channels + c) * 9
-        for a in range(9):
-            dst[a] += grad[a]
+    if floating is float:
+        mc_wino_add_filter_grads_f(tile, du + <long>m * in_channels, k_stride, dw + <long>m * in_channels * 9,
+                                   in_channels)
+    else:
+        mc_wino_add_filter_grads_d(tile, du + <long>m * in_channels, k_stride, dw + <long>m * in_channels * 9,
+                                   in_channels)
 
 
 cdef void winograd_apply(const TileGrid* g, const floating* x, const floating* u, const floating* bias,

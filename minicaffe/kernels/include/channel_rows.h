@@ -38,28 +38,28 @@ static inline mc_v8d mc_load8_d(const double* p) {
     return v;
 }
 
-/* The first count (0 to 8) elements at p, zeros after them; nothing past them is read. */
-static inline mc_v8d mc_load_part8_f(const float* p, ptrdiff_t count) {
+/* mc_load_part8_f/_d: the first count (0 to 8) elements at p, zeros after them; nothing past them is
+ * read. */
 #ifdef MC_AVX512
+static inline mc_v8d mc_load_part8_f(const float* p, ptrdiff_t count) {
     return _mm512_cvtps_pd(_mm256_maskz_loadu_ps((__mmask8)((1u << count) - 1), p));
-#else
-    mc_v8d v = {0};
-    for (ptrdiff_t k = 0; k < count; k++)
-        v[k] = p[k];
-    return v;
-#endif
 }
 
 static inline mc_v8d mc_load_part8_d(const double* p, ptrdiff_t count) {
-#ifdef MC_AVX512
     return _mm512_maskz_loadu_pd((__mmask8)((1u << count) - 1), p);
-#else
-    mc_v8d v = {0};
-    for (ptrdiff_t k = 0; k < count; k++)
-        v[k] = p[k];
-    return v;
-#endif
 }
+#else
+#define MC_LOAD_PART8(T, S)                                                                           \
+static inline mc_v8d mc_load_part8_##S(const T* p, ptrdiff_t count) {                                 \
+    mc_v8d v = {0};                                                                                   \
+    for (ptrdiff_t k = 0; k < count; k++)                                                             \
+        v[k] = p[k];                                                                                  \
+    return v;                                                                                         \
+}
+MC_LOAD_PART8(float, f)
+MC_LOAD_PART8(double, d)
+#undef MC_LOAD_PART8
+#endif
 
 /* v with the lanes from count on set to 0. */
 static inline mc_v8d mc_first_lanes(mc_v8d v, ptrdiff_t count) {
