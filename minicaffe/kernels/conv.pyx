@@ -16,8 +16,8 @@ count, results are bit-identical from run to run:
 
 Two other algorithms take the shapes where they measured faster (``make_plan`` chooses, from the
 thresholds below): Winograd F(4x4, 3x3) or F(2x2, 3x3) for wide 3x3 stride-1 layers, and, for
-small images with large weights, the batch lowered side by side into one wide column matrix. Both are also
-bit-identical from run to run for a thread count.
+small images with large weights, the batch lowered side by side into one wide column matrix. Both
+are also bit-identical from run to run for a thread count.
 
 All scratch memory is one caller-owned ``workspace`` of ``conv_workspace_size(...)`` elements, so a
 layer allocates it once and the calls themselves never allocate.
