@@ -108,6 +108,25 @@ def weighted_sum(const floating[::1] x, double coeff_x, const floating[::1] z, d
                     y[i] = _relu(a * x[i] + b * z[i], slope)
 
 
+cdef inline void _masked_copies(const floating* total, const floating* y, floating* dy, floating* dx, floating a,
+                                floating* other, floating b, floating slope, Py_ssize_t n) noexcept nogil:
+    """g = total where y > 0, else total * slope (ReLU's gradient; false for a NaN y); dy = g,
+    dx = a * g and, unless other is NULL, other = b * g, over n elements. total may be dy."""
+    cdef Py_ssize_t i
+    cdef floating g
+    if other == NULL:
+        for i in range(n):
+            g = total[i] if y[i] > 0 else total[i] * slope
+            dy[i] = g
+            dx[i] = a * g
+    else:
+        for i in range(n):
+            g = total[i] if y[i] > 0 else total[i] * slope
+            dy[i] = g
+            dx[i] = a * g
+            other[i] = b * g
+
+
 def scaled_copies(floating[::1] dy, floating[::1] dx not None, double coeff, floating[::1] other_dx,
                   double other_coeff, int num_threads, const floating[::1] relu_output=None,
                   double negative_slope=0):
@@ -118,13 +137,13 @@ def scaled_copies(floating[::1] dy, floating[::1] dx not None, double coeff, flo
     gradient, dy where y > 0 else negative_slope * dy, written back to dy as the ReLU's own backward
     would, and the copies are made from it.
     """
-    cdef Py_ssize_t n = dy.shape[0], chunks = (n + ELTWISE_CHUNK - 1) // ELTWISE_CHUNK, c, i
+    cdef Py_ssize_t n = dy.shape[0], chunks = (n + ELTWISE_CHUNK - 1) // ELTWISE_CHUNK, c, i, start
     if dx.shape[0] != n or (other_dx is not None and other_dx.shape[0] != n) or \
             (relu_output is not None and relu_output.shape[0] != n):
         raise ValueError("scaled_copies: dy, the dx arrays and relu_output differ in size")
     if n == 0:
         return
-    cdef floating a = <floating>coeff, b = <floating>other_coeff, slope = <floating>negative_slope, g
+    cdef floating a = <floating>coeff, b = <floating>other_coeff, slope = <floating>negative_slope
     cdef floating* second = &other_dx[0] if other_dx is not None else NULL
     cdef const floating* y = &relu_output[0] if relu_output is not None else NULL
     with nogil:
@@ -136,17 +155,11 @@ def scaled_copies(floating[::1] dy, floating[::1] dx not None, double coeff, flo
                 for i in range(c * ELTWISE_CHUNK, min(c * ELTWISE_CHUNK + ELTWISE_CHUNK, n)):
                     dx[i] = a * dy[i]
                     second[i] = b * dy[i]
-            elif second == NULL:
-                for i in range(c * ELTWISE_CHUNK, min(c * ELTWISE_CHUNK + ELTWISE_CHUNK, n)):
-                    g = dy[i] if y[i] > 0 else dy[i] * slope
-                    dy[i] = g
-                    dx[i] = a * g
             else:
-                for i in range(c * ELTWISE_CHUNK, min(c * ELTWISE_CHUNK + ELTWISE_CHUNK, n)):
-                    g = dy[i] if y[i] > 0 else dy[i] * slope
-                    dy[i] = g
-                    dx[i] = a * g
-                    second[i] = b * g
+                start = c * ELTWISE_CHUNK
+                _masked_copies(&dy[start], y + start, &dy[start], &dx[start], a,
+                               second + start if second != NULL else NULL, b, slope,
+                               min(ELTWISE_CHUNK, n - start))
 
 
 # -- Eltwise SUM -> ReLU -> Split backward ---------------------------------------------------------
@@ -160,22 +173,11 @@ cdef Py_ssize_t SUM_BLOCK = 2048
 
 cdef extern from *:
     """
-    /* g = y > 0 ? total : total * slope (false for a NaN y), dy = g, dx = a * g, other = b * g
-       unless other is NULL. */
-    static void mc_masked_copies_plain_f(const float* total, const float* y, float* dy, float* dx, float a,
-                                         float* other, float b, float slope, ptrdiff_t n) {
-        for (ptrdiff_t i = 0; i < n; i++) {
-            float g = y[i] > 0 ? total[i] : total[i] * slope;
-            dy[i] = g;
-            dx[i] = a * g;
-            if (other)
-                other[i] = b * g;
-        }
-    }
     #if defined(__AVX512F__)
     #include <immintrin.h>
     #define MC_STREAMING_STORES 1
-    /* The same with streaming stores; dy, dx and other 64-byte aligned. */
+    /* _masked_copies over the first n - n % 16 elements, with streaming stores; dy, dx and other
+       64-byte aligned. */
     static void mc_masked_copies_streaming_f(const float* total, const float* y, float* dy, float* dx, float a,
                                              float* other, float b, float slope, ptrdiff_t n) {
         const __m512 va = _mm512_set1_ps(a), vb = _mm512_set1_ps(b), vs = _mm512_set1_ps(slope),
@@ -191,11 +193,10 @@ cdef extern from *:
                 _mm512_stream_ps(other + i, _mm512_mul_ps(vb, g));
         }
         _mm_sfence();
-        mc_masked_copies_plain_f(total + i, y + i, dy + i, dx + i, a, other ? other + i : NULL, b, slope, n - i);
     }
     #else
     #define MC_STREAMING_STORES 0
-    #define mc_masked_copies_streaming_f mc_masked_copies_plain_f   /* not called: no streaming stores */
+    #define mc_masked_copies_streaming_f(...) ((void)0)   /* not called: no streaming stores */
     #endif
     """
     bint MC_STREAMING_STORES
@@ -223,36 +224,22 @@ cdef inline void _sum_block(const floating** parts, Py_ssize_t count, floating* 
             total[i] = total[i] + q[i]
 
 
-cdef inline void _masked_copies(const floating* total, const floating* y, floating* dy, floating* dx, floating a,
-                                floating* other, floating b, floating slope, Py_ssize_t n) noexcept nogil:
-    """scaled_copies' ReLU loops over n elements, reading the gradient from total."""
-    cdef Py_ssize_t i
-    cdef floating g
-    if other == NULL:
-        for i in range(n):
-            g = total[i] if y[i] > 0 else total[i] * slope
-            dy[i] = g
-            dx[i] = a * g
-    else:
-        for i in range(n):
-            g = total[i] if y[i] > 0 else total[i] * slope
-            dy[i] = g
-            dx[i] = a * g
-            other[i] = b * g
-
-
 cdef inline void _masked_copies_block(const floating* total, const floating* y, floating* dy, floating* dx,
                                       floating a, floating* other, floating b, floating slope, Py_ssize_t n,
                                       bint stream) noexcept nogil:
     """_masked_copies, with streaming stores from the first 64-byte boundary of dy on when stream."""
-    cdef Py_ssize_t head
+    cdef Py_ssize_t head, body
     if floating is double or not stream:
         _masked_copies(total, y, dy, dx, a, other, b, slope, n)
         return
     head = min(<Py_ssize_t>(((64 - (<size_t>dy & 63)) & 63) // sizeof(float)), n)
+    body = (n - head) // 16 * 16
     _masked_copies(total, y, dy, dx, a, other, b, slope, head)
     mc_masked_copies_streaming_f(total + head, y + head, dy + head, dx + head, a,
-                                 other + head if other != NULL else NULL, b, slope, n - head)
+                                 other + head if other != NULL else NULL, b, slope, body)
+    head += body
+    _masked_copies(total + head, y + head, dy + head, dx + head, a, other + head if other != NULL else NULL,
+                   b, slope, n - head)
 
 
 def summed_scaled_copies(list summands, floating[::1] dy, const floating[::1] relu_output, floating[::1] dx not None,
