@@ -210,10 +210,11 @@ def tolerance(dtype):
 
 
 def choose_path(monkeypatch, path, x_shape, out, pad, stride, dilation, itemsize):
-    """Forces one of the im2col paths: a GEMM per image, or one wide GEMM over all images or over
-    chunks of two images."""
-    if path == "per_image":
+    """Forces one of the im2col paths: a GEMM per image (with dW, or dW^T wherever its rows outnumber
+    its columns), or one wide GEMM over all images or over chunks of two images."""
+    if path.startswith("per_image"):
         monkeypatch.setattr(conv, "WIDE_MAX_SPATIAL", 0)
+        monkeypatch.setattr(conv, "DW_TRANSPOSED_MIN_COLUMNS", 0 if path == "per_image_transposed" else 10 ** 9)
         return
     monkeypatch.setattr(conv, "WIDE_MAX_SPATIAL", 10 ** 9)
     monkeypatch.setattr(conv, "WIDE_MIN_WEIGHTS", 0)
@@ -224,7 +225,7 @@ def choose_path(monkeypatch, path, x_shape, out, pad, stride, dilation, itemsize
         monkeypatch.setattr(conv, "COL_BUDGET_BYTES", 2 * (x_shape[1] * kh * kw + m) * spatial * itemsize)
 
 
-@pytest.mark.parametrize("path", ["per_image", "wide", "wide_chunks_of_2"])
+@pytest.mark.parametrize("path", ["per_image", "per_image_transposed", "wide", "wide_chunks_of_2"])
 @pytest.mark.parametrize("num_threads", [1, 2, 3])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("x_shape, out, pad, stride, dilation, group", CONVS)
@@ -267,11 +268,13 @@ def test_conv_backward_computes_only_what_is_asked(threads, num_threads):
     np.testing.assert_allclose(dw, dw_ref, **tolerance(np.float64))
 
 
-def test_conv_inside_one_image_split_for_every_image(threads, monkeypatch):
+@pytest.mark.parametrize("dw_transposed_min_columns", [0, 10 ** 9])
+def test_conv_inside_one_image_split_for_every_image(threads, monkeypatch, dw_transposed_min_columns):
     """Column buffers over the memory budget: every image is split across threads instead."""
     threads(2)
     monkeypatch.setattr(conv, "COL_BUDGET_BYTES", 0)
     monkeypatch.setattr(conv, "WIDE_MAX_SPATIAL", 0)
+    monkeypatch.setattr(conv, "DW_TRANSPOSED_MIN_COLUMNS", dw_transposed_min_columns)
     args = ((1, 0), (1, 2), (1, 1), 2)
     x, w, bias, dy = random_conv((3, 4, 7, 8), (6, (3, 3)), *args, np.float64)
     np.testing.assert_allclose(run_forward(x, w, bias, *args), conv_ref(x, w, bias, *args),
@@ -286,11 +289,10 @@ def test_conv_inside_one_image_split_for_every_image(threads, monkeypatch):
     ((5, 4, 9, 9), (4, (1, 1)), (0, 0), (1, 1), (1, 1), 2),
     ((1, 4, 9, 9), (6, (3, 3)), (0, 0), (1, 1), (1, 1), 1),
 ])
-@pytest.mark.parametrize("wide_max_spatial", [0, 10 ** 9])
-def test_conv_is_deterministic_for_a_thread_count(threads, monkeypatch, wide_max_spatial, x_shape, out, pad,
-                                                  stride, dilation, group):
-    monkeypatch.setattr(conv, "WIDE_MAX_SPATIAL", wide_max_spatial)
-    monkeypatch.setattr(conv, "WIDE_MIN_WEIGHTS", 0)
+@pytest.mark.parametrize("path", ["per_image", "per_image_transposed", "wide"])
+def test_conv_is_deterministic_for_a_thread_count(threads, monkeypatch, path, x_shape, out, pad, stride,
+                                                  dilation, group):
+    choose_path(monkeypatch, path, x_shape, out, pad, stride, dilation, 4)
     x, w, bias, dy = random_conv(x_shape, out, pad, stride, dilation, group, np.float32)
     results = {}
     for num_threads in (1, 2, 2, 3, 3):

@@ -1,15 +1,17 @@
 """2-D convolution forward and backward (Caffe's semantics: groups, padding, stride, dilation).
 
 Each image is lowered with im2col into col[C*kh*kw, OH*OW], and each group is one GEMM:
-y_g = W_g @ col_g. Backward recomputes the columns: dW_g^T += col_g @ dy_g^T (accumulated
-transposed, then added into dW), and dx = col2im(W_g^T @ dy_g). A 1x1 kernel with stride 1 and no
-padding needs no lowering: the image itself is the column matrix.
+y_g = W_g @ col_g. Backward recomputes the columns: dW_g += dy_g @ col_g^T (or, for small weights
+with many columns, dW_g^T += col_g @ dy_g^T, transposed into dW at the end), and
+dx = col2im(W_g^T @ dy_g). A 1x1 kernel with stride 1 and no padding needs no lowering: the image
+itself is the column matrix.
 
 Work is split two ways, both with a fixed assignment of work to workers so that, for a given thread
 count, results are bit-identical from run to run:
 
 * across images: worker t takes a contiguous run of images with its own column buffer and its own
-  partial weight/bias gradients, which are added into dW and db in worker order at the end;
+  partial bias and weight gradients (worker 0 adds its weight gradients straight into dW, unless
+  they are transposed), added into db and dW in worker order at the end;
 * inside one image, for the images left over when the batch does not divide among the threads (and
   for every image when per-thread column buffers would exceed COL_BUDGET_BYTES): im2col and col2im
   split over channels, the GEMMs over output columns (y, dx) or output channels (dW, db).
@@ -66,6 +68,13 @@ WINOGRAD_MIN_BLOCK = 128
 # such as CIFAR-10's, 5-20% slower).
 WIDE_MAX_SPATIAL = 100
 WIDE_MIN_WEIGHTS = 1 << 18
+# Outside the wide path, the weight gradient is accumulated transposed, dW^T = col @ dy^T, where its
+# rows outnumber its columns (kg > mg) and the batch has at least this many output positions;
+# elsewhere dW = dy @ col^T goes straight into dW. The GEMM with the more rows runs faster (ResNet-20
+# on Fashion-MNIST, its convolutions' backward at 2 threads: 99 ms transposed, 121 ms not), but the
+# transposition into dW is a strided pass over the weights that repays itself only with many columns
+# per weight (it took up to 40% of the weight-gradient time of ResNet-50's 7x7 layers).
+DW_TRANSPOSED_MIN_COLUMNS = 4096
 
 
 cdef struct Plan:
@@ -86,6 +95,7 @@ cdef struct Plan:
     long wino_scratch       # elements of each thread's row scratch for the Winograd transforms
     bint wide               # small images: chunks of images lowered side by side, one GEMM each
     int wide_chunk          # images per chunk
+    bint dw_transposed      # the weight gradient accumulated as dW^T [group * kg, mg]
 
 
 cdef inline int tile_cover(int extent, int tile) noexcept nogil:
@@ -133,6 +143,8 @@ cdef int make_plan(Plan* p, tuple x_shape, tuple w_shape, tuple pad, tuple strid
               and p.weight_size >= WIDE_MIN_WEIGHTS)
     if p.wide:
         p.wide_chunk = max(1, min(n, COL_BUDGET_BYTES // ((c * kh * kw + m) * p.spatial * itemsize)))
+    p.dw_transposed = (not p.winograd and not p.wide and p.k_per_group > p.out_per_group
+                       and <long>n * p.spatial >= DW_TRANSPOSED_MIN_COLUMNS)
     return 0
 
 
@@ -144,15 +156,17 @@ cdef long wide_elements(const Plan* p) noexcept nogil:
 
 cdef long workspace_elements(const Plan* p) noexcept:
     """Winograd: transformed filters and their gradient, two blocks of transformed tiles, per-thread
-    rows. Wide: its buffers, then dW^T and db.
-    Otherwise per buffer set (one per worker, at least one): columns, transposed dW, db."""
+    rows. Wide: its buffers, then db.
+    Otherwise per buffer set (one per worker, at least one): columns, db; then the partial dW^T of
+    every set or, with dW itself, of every set after the first."""
     cdef long widest = max(p.geom.channels, p.out_channels)
     if p.winograd:
         return (2 * p.wino_products * (plane_stride(p.weight_size // 9) + plane_stride(widest * p.wino_block))
                 + p.threads * p.wino_scratch)
     if p.wide:
-        return wide_elements(p) + p.weight_size + p.out_channels
-    return max(p.workers, 1) * (p.col_size + p.weight_size + p.out_channels)
+        return wide_elements(p) + p.out_channels
+    cdef int sets = max(p.workers, 1)
+    return sets * (p.col_size + p.out_channels) + (sets if p.dw_transposed else sets - 1) * p.weight_size
 
 
 def conv_workspace_size(tuple x_shape, tuple w_shape, tuple pad, tuple stride, tuple dilation,
@@ -208,6 +222,23 @@ cdef void forward_columns(const Plan* p, const floating* col, const floating* w,
                 y_row[j] += b
 
 
+cdef inline long block_begin(long extent, int blocks, int index) noexcept nogil:
+    """Start of block ``index`` when [0, extent) is cut into ``blocks`` near-equal contiguous blocks."""
+    return extent * index // blocks
+
+
+cdef void add_parts(const floating* parts, int count, long part_size, long begin, long end,
+                    floating* total) noexcept nogil:
+    """total[begin:end] += parts[0][begin:end], then parts[1][begin:end], ... (parts part_size apart)."""
+    cdef int b
+    cdef long i
+    cdef const floating* part
+    for b in range(count):
+        part = parts + b * part_size
+        for i in range(begin, end):
+            total[i] += part[i]
+
+
 cdef inline void add_row_sums(const floating* rows, int n_rows, int n_cols, floating* out) noexcept nogil:
     """out[r] += sum of row r, with eight independent partial sums (vectorizable, fixed order)."""
     cdef int r, j, lane
@@ -227,14 +258,37 @@ cdef inline void add_row_sums(const floating* rows, int n_rows, int n_cols, floa
         out[r] += ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
 
 
-cdef void weight_grad_rows(const Plan* p, const floating* col, const floating* dy, int columns, long ld,
-                           floating* dw_t, int r_begin, int r_end) noexcept nogil:
-    """Rows [r_begin, r_end) of dW^T (all groups stacked, [group * kg, mg]) += col_g @ dy_g^T over the
-    first ``columns`` columns of col and dy (row stride ld).
+cdef void weight_grad_block(const Plan* p, const floating* col, const floating* dy, int columns, long ld,
+                            floating* dw, int m_begin, int m_end, int k_begin, int k_end) noexcept nogil:
+    """dW[m_begin:m_end, k_begin:k_end] += dy_g @ col_g^T over the first ``columns`` columns of col and
+    dy (row stride ld), each row m in its group g = m // mg."""
+    cdef int g, first, last, mg = p.out_per_group, kg = p.k_per_group
+    if m_end <= m_begin or k_end <= k_begin:
+        return
+    for g in range(m_begin // mg, (m_end - 1) // mg + 1):
+        first = max(m_begin, g * mg)
+        last = min(m_end, (g + 1) * mg)
+        gemm(False, True, last - first, k_end - k_begin, columns, <floating>1, dy + <long>first * ld, ld,
+             col + (<long>g * kg + k_begin) * ld, ld, <floating>1, dw + <long>first * kg + k_begin, kg)
 
-    dW^T rather than dW: BLAS runs this shape (a long inner dimension, a small output) markedly
-    faster as col @ dy^T than as dy @ col^T.
-    """
+
+cdef inline void weight_grad_share(const Plan* p, const floating* col, const floating* dy, int columns,
+                                   long ld, floating* dw, int t, int threads) noexcept nogil:
+    """Thread t's share of weight_grad_block over all of dW: a block of its rows or, when dW has more
+    columns than rows, of its columns."""
+    cdef int m = p.out_channels, kg = p.k_per_group
+    if m >= kg:
+        weight_grad_block(p, col, dy, columns, ld, dw, block_begin(m, threads, t),
+                          block_begin(m, threads, t + 1), 0, kg)
+    else:
+        weight_grad_block(p, col, dy, columns, ld, dw, 0, m, block_begin(kg, threads, t),
+                          block_begin(kg, threads, t + 1))
+
+
+cdef void weight_grad_transposed_rows(const Plan* p, const floating* col, const floating* dy, int columns,
+                                      long ld, floating* dw_t, int r_begin, int r_end) noexcept nogil:
+    """Rows [r_begin, r_end) of dW^T (all groups stacked, [group * kg, mg]) += col_g @ dy_g^T over the
+    first ``columns`` columns of col and dy (row stride ld)."""
     cdef int g, first, last, mg = p.out_per_group, kg = p.k_per_group
     if r_end <= r_begin:
         return
@@ -243,6 +297,22 @@ cdef void weight_grad_rows(const Plan* p, const floating* col, const floating* d
         last = min(r_end, (g + 1) * kg)
         gemm(False, True, last - first, mg, columns, <floating>1, col + <long>first * ld, ld,
              dy + <long>g * mg * ld, ld, <floating>1, dw_t + <long>first * mg, mg)
+
+
+cdef void add_transposed_parts(const Plan* p, const floating* parts, int sets, int row_begin, int row_end,
+                               floating* dw) noexcept nogil:
+    """Rows [row_begin, row_end) of dW: dW[row, k] += the sum over the sets of dW^T[group * kg + k,
+    row % mg], in set order."""
+    cdef int row, k, b, mg = p.out_per_group, kg = p.k_per_group
+    cdef const floating* column
+    cdef floating total
+    for row in range(row_begin, row_end):
+        column = parts + <long>(row // mg) * kg * mg + row % mg
+        for k in range(kg):
+            total = dw[<long>row * kg + k]
+            for b in range(sets):
+                total = total + column[b * p.weight_size + <long>k * mg]
+            dw[<long>row * kg + k] = total
 
 
 cdef void input_grad_columns(const Plan* p, const floating* w, const floating* dy, floating* col,
@@ -261,11 +331,6 @@ cdef inline void raise_to_image(const Plan* p, const floating* col, floating* im
                                 int c_end) noexcept nogil:
     if not p.pointwise:
         col2im_channels(col, &p.geom, c_begin, c_end, image)
-
-
-cdef inline int block_begin(int extent, int blocks, int index) noexcept nogil:
-    """Start of block ``index`` when [0, extent) is cut into ``blocks`` near-equal contiguous blocks."""
-    return <int>(<long>extent * index // blocks)
 
 
 # -- Winograd F(4x4, 3x3) and F(2x2, 3x3) ----------------------------------------------------------
@@ -336,7 +401,7 @@ cdef void winograd_backward(const Plan* p, const floating* x, const floating* w,
 # per image is narrow and the weight gradient is a stream of rank-S updates to a large dW; the
 # GEMMs run far below peak. Here the columns of a chunk of images sit side by side in one wide
 # matrix, [C*kh*kw, images*S], so each pass is a single GEMM per group, split over the threads by
-# output columns (y, dx) or by rows of dW^T, and every element is still computed by one call.
+# output columns (y, dx) or by rows or columns of dW, and every element is still computed by one call.
 
 cdef inline void copy_rows(const floating* src, long src_ld, floating* dst, long dst_ld, int rows,
                            int cols) noexcept nogil:
@@ -380,14 +445,14 @@ cdef void wide_forward(const Plan* p, const floating* x, const floating* w, cons
 
 
 cdef void wide_backward(const Plan* p, const floating* x, const floating* w, const floating* dy,
-                        floating* dx, floating* dw_t, floating* db, floating* workspace) noexcept nogil:
-    """dx (overwritten), dW^T (+= into dw_t, [group * kg, mg]) and db (+=) for the whole batch."""
+                        floating* dx, floating* dw, floating* db, floating* workspace) noexcept nogil:
+    """dx (overwritten), dW (+=) and db (+=) for the whole batch."""
     cdef int first, count, t, i, row, threads = p.threads, s = p.spatial
-    cdef int dw_rows = p.group * p.k_per_group
+    cdef int col_rows = p.group * p.k_per_group
     cdef long ld = <long>p.wide_chunk * s, x_image = <long>p.geom.channels * p.geom.height * p.geom.width
     cdef long y_image = <long>p.out_channels * s
     cdef floating* wide = workspace
-    cdef floating* grads = wide + ld * dw_rows
+    cdef floating* grads = wide + ld * col_rows
     cdef floating* staging = grads + ld * p.out_channels
     cdef floating* own
     first = 0
@@ -399,21 +464,20 @@ cdef void wide_backward(const Plan* p, const floating* x, const floating* w, con
             for row in prange(p.out_channels, num_threads=team_size(p.out_channels, threads),
                               schedule='static'):
                 add_row_sums(grads + row * ld, 1, count * s, db + row)
-        if dw_t != NULL:
+        if dw != NULL:
             wide_lower(p, x, first, count, wide, ld, staging)
             for t in prange(threads, num_threads=threads, schedule='static', chunksize=1):
-                weight_grad_rows(p, wide, grads, count * s, ld, dw_t, block_begin(dw_rows, threads, t),
-                                 block_begin(dw_rows, threads, t + 1))
+                weight_grad_share(p, wide, grads, count * s, ld, dw, t, threads)
         if dx != NULL:
             for t in prange(threads, num_threads=threads, schedule='static', chunksize=1):
                 input_grad_columns(p, w, grads, wide, ld, block_begin(count * s, threads, t),
                                    block_begin(count * s, threads, t + 1))
             for i in prange(count, num_threads=team_size(count, threads), schedule='static'):
                 if p.pointwise:
-                    copy_rows(wide + <long>i * s, ld, dx + (first + i) * x_image, s, dw_rows, s)
+                    copy_rows(wide + <long>i * s, ld, dx + (first + i) * x_image, s, col_rows, s)
                 else:
                     own = staging + threadid() * p.col_size
-                    copy_rows(wide + <long>i * s, ld, own, s, dw_rows, s)
+                    copy_rows(wide + <long>i * s, ld, own, s, col_rows, s)
                     col2im_channels(own, &p.geom, 0, p.geom.channels, dx + (first + i) * x_image)
         first += count
 
@@ -478,50 +542,56 @@ cdef void backward_impl(const Plan* p, const floating* x, const floating* w, con
     cdef long x_image = <long>p.geom.channels * p.geom.height * p.geom.width
     cdef long y_image = <long>p.out_channels * p.spatial
     cdef int workers = p.workers, threads = p.threads, m = p.out_channels
-    cdef int buffers = 1 if p.wide else max(workers, 1), mg = p.out_per_group, kg = p.k_per_group
-    cdef int dw_rows = p.group * kg
+    cdef int buffers = 1 if p.wide else max(workers, 1)
     cdef int per_worker = p.batch // workers if workers > 0 and not p.wide else 0
     cdef int sets_used = workers if per_worker > 0 else 1
-    cdef int t, n, c, b, row, k, split_from = per_worker * workers
-    cdef floating* dw_parts = workspace + (wide_elements(p) if p.wide else buffers * p.col_size)
-    cdef floating* db_parts = dw_parts + buffers * p.weight_size
+    cdef int t, n, c, b, row, split_from = per_worker * workers
+    cdef floating* db_parts = workspace + (wide_elements(p) if p.wide else buffers * p.col_size)
+    cdef floating* dw_parts = db_parts + buffers * m
     cdef floating* col
-    cdef floating* dw_part
-    cdef floating* db_part
+    cdef floating* dw_own
+    cdef floating* db_own
+    cdef int dw_rows = p.group * p.k_per_group
     cdef floating* x_col
     cdef floating* dx_col
-    cdef const floating* column
     cdef floating total
     if p.winograd:
         winograd_backward(p, x, w, dy, dx, dw, db, workspace)
         return
     if per_worker == 0:
-        memset(dw_parts, 0, p.weight_size * sizeof(floating))
         memset(db_parts, 0, m * sizeof(floating))
     if p.wide:
-        wide_backward(p, x, w, dy, dx, dw_parts if dw != NULL else NULL, db_parts if db != NULL else NULL,
-                      workspace)
+        wide_backward(p, x, w, dy, dx, dw, db_parts if db != NULL else NULL, workspace)
         split_from = p.batch
     elif per_worker > 0:
         for t in prange(workers, num_threads=workers, schedule='static', chunksize=1):
             col = workspace + t * p.col_size
-            dw_part = dw_parts + t * p.weight_size
-            db_part = db_parts + t * m
-            memset(dw_part, 0, p.weight_size * sizeof(floating))
-            memset(db_part, 0, m * sizeof(floating))
+            dw_own = dw_parts + t * p.weight_size if p.dw_transposed else (
+                dw if t == 0 else dw_parts + (t - 1) * p.weight_size)
+            db_own = db_parts + t * m
+            if dw_own != dw and dw != NULL:
+                memset(dw_own, 0, p.weight_size * sizeof(floating))
+            memset(db_own, 0, m * sizeof(floating))
             for n in range(t * per_worker, (t + 1) * per_worker):
                 x_col = <floating*>(x + n * x_image) if p.pointwise else col
                 dx_col = dx + n * x_image if p.pointwise else col
                 if dw != NULL:
                     lower(p, x + n * x_image, col, 0, p.geom.channels)
-                    weight_grad_rows(p, x_col, dy + n * y_image, p.spatial, p.spatial, dw_part, 0, dw_rows)
+                    if p.dw_transposed:
+                        weight_grad_transposed_rows(p, x_col, dy + n * y_image, p.spatial, p.spatial,
+                                                    dw_own, 0, dw_rows)
+                    else:
+                        weight_grad_block(p, x_col, dy + n * y_image, p.spatial, p.spatial, dw_own, 0, m,
+                                          0, p.k_per_group)
                 if db != NULL:
-                    add_row_sums(dy + n * y_image, m, p.spatial, db_part)
+                    add_row_sums(dy + n * y_image, m, p.spatial, db_own)
                 if dx != NULL:
                     input_grad_columns(p, w, dy + n * y_image, dx_col, p.spatial, 0, p.spatial)
                     raise_to_image(p, col, dx + n * x_image, 0, p.geom.channels)
     # Images left over after an even split go one at a time, each split across all threads,
-    # adding into the first buffer set.
+    # adding into dW (or the first dW^T) and the first bias buffer.
+    if dw != NULL and per_worker == 0 and p.dw_transposed:
+        memset(dw_parts, 0, p.weight_size * sizeof(floating))
     col = workspace
     for n in range(split_from, p.batch):
         x_col = <floating*>(x + n * x_image) if p.pointwise else col
@@ -531,9 +601,12 @@ cdef void backward_impl(const Plan* p, const floating* x, const floating* w, con
                 lower(p, x + n * x_image, col, c, c + 1)
         if dw != NULL or db != NULL:
             for t in prange(threads, num_threads=threads, schedule='static', chunksize=1):
-                if dw != NULL:
-                    weight_grad_rows(p, x_col, dy + n * y_image, p.spatial, p.spatial, dw_parts,
-                                     block_begin(dw_rows, threads, t), block_begin(dw_rows, threads, t + 1))
+                if dw != NULL and p.dw_transposed:
+                    weight_grad_transposed_rows(p, x_col, dy + n * y_image, p.spatial, p.spatial, dw_parts,
+                                                block_begin(dw_rows, threads, t),
+                                                block_begin(dw_rows, threads, t + 1))
+                elif dw != NULL:
+                    weight_grad_share(p, x_col, dy + n * y_image, p.spatial, p.spatial, dw, t, threads)
                 if db != NULL:
                     add_row_sums(dy + n * y_image + <long>block_begin(m, threads, t) * p.spatial,
                                  block_begin(m, threads, t + 1) - block_begin(m, threads, t),
@@ -545,16 +618,14 @@ cdef void backward_impl(const Plan* p, const floating* x, const floating* w, con
             if not p.pointwise:
                 for c in prange(p.geom.channels, num_threads=threads, schedule='static'):
                     raise_to_image(p, col, dx + n * x_image, c, c + 1)
-    # dW[row, k] += sum over buffer sets, in buffer order, of dW^T[group * kg + k, row % mg].
-    if dw != NULL:
+    if dw != NULL and p.dw_transposed:
         for t in prange(threads, num_threads=threads, schedule='static', chunksize=1):
-            for row in range(block_begin(m, threads, t), block_begin(m, threads, t + 1)):
-                column = dw_parts + <long>(row // mg) * kg * mg + row % mg
-                for k in range(kg):
-                    total = dw[<long>row * kg + k]
-                    for b in range(sets_used):
-                        total = total + column[b * p.weight_size + <long>k * mg]
-                    dw[<long>row * kg + k] = total
+            add_transposed_parts(p, dw_parts, sets_used, block_begin(m, threads, t),
+                                 block_begin(m, threads, t + 1), dw)
+    elif dw != NULL and sets_used > 1:
+        for t in prange(threads, num_threads=threads, schedule='static', chunksize=1):
+            add_parts(dw_parts, sets_used - 1, p.weight_size, block_begin(p.weight_size, threads, t),
+                      block_begin(p.weight_size, threads, t + 1), dw)
     if db != NULL:
         for row in range(m):
             total = db[row]
