@@ -6,9 +6,11 @@ images/s, the net's FLOPs (minicaffe/flops.py: forward + backward) per second, a
 of the sgemm peak measured in the same run at the same thread count, before and after the nets, the
 higher counting (n=2048; one thread: one SciPy sgemm call; more: ``blas.matmul`` splitting the
 product over OpenMP threads with BLAS held at one thread, as the kernels run it). When PyTorch is
-importable, the same graph (benchmarks/torch_reference.py) is timed too, for a full training step
+installed, the same graph (benchmarks/torch_reference.py) is timed too, for a full training step
 (forward, loss, backward, SGD with momentum), and the ratio minicaffe / PyTorch images/s is printed; minicaffe's time has no
-weight update in it, which favours minicaffe by that (small, memory-bound) step.
+weight update in it, which favours minicaffe by that (small, memory-bound) step. PyTorch runs in a
+child process (benchmarks/torch_step.py) with the environment this script was started with, so that
+the OpenMP and BLAS settings minicaffe makes for itself on import do not reach PyTorch's runtime.
 BVLC Caffe's times from the FP32-speed issue (``caffe time`` with OpenBLAS on this kind of machine,
 the fastest of each quoted range) are printed beside them as a fixed anchor, with the ratio
 minicaffe / Caffe images/s. The load average is printed at start and end: on a shared machine the
@@ -18,19 +20,25 @@ timings mean little when it is high.
         [--iterations N] [--warmup N] [--json PATH]
 """
 import argparse
+import importlib.util
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
+# Before minicaffe adds its settings: what PyTorch's child process gets.
+USER_ENVIRONMENT = dict(os.environ)
+
+import numpy as np  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from minicaffe import Net, TRAIN  # noqa: E402
+from minicaffe.cpu import native_library_choices, openmp_wait  # noqa: E402
 from minicaffe.flops import net_flops  # noqa: E402
 from minicaffe.threads import blas_single_threaded, set_num_threads  # noqa: E402
 
@@ -91,34 +99,20 @@ def time_minicaffe(net, iterations, warmup):
         return median_seconds(net.forward_backward, iterations, warmup)
 
 
-def time_torch(net, threads, iterations, warmup):
-    import torch
-    from torch_reference import build_torch_model, copy_weights
-    module, input_names = build_torch_model(net)
-    copy_weights(net, module)
-    module.train()
-    inputs = {name: torch.from_numpy(net.blobs[name].data.copy()) for name in input_names}
-    optimizer = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=1e-6, momentum=0.9)
-
-    def step():
-        optimizer.zero_grad(set_to_none=False)
-        module.loss(module(**inputs)).backward()
-        optimizer.step()
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        return median_seconds(step, iterations, warmup)
-    finally:
-        torch.set_num_threads(previous)
+def time_torch(name, threads, iterations, warmup):
+    """PyTorch's median seconds per training step, from benchmarks/torch_step.py in a child process."""
+    env = dict(USER_ENVIRONMENT, PYTHONPATH=os.pathsep.join(
+        [str(REPO), str(REPO / "benchmarks")] + [p for p in [USER_ENVIRONMENT.get("PYTHONPATH")] if p]))
+    command = [sys.executable, str(REPO / "benchmarks" / "torch_step.py"), name, "--threads", str(threads),
+               "--iterations", str(iterations), "--warmup", str(warmup)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"benchmarks/torch_step.py {name} failed:\n{done.stderr.strip()}")
+    return json.loads(done.stdout.strip().splitlines()[-1])["median_ms"] / 1e3
 
 
 def torch_available():
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("torch") is not None
 
 
 def load_average():
@@ -139,7 +133,8 @@ def main(argv=None):
     with_torch = torch_available()
 
     print(f"load average at start: {load_average()}  (cores: {len(os.sched_getaffinity(0))}; "
-          f"PyTorch: {'yes' if with_torch else 'not importable, skipped'})")
+          f"PyTorch: {'yes, in a child process' if with_torch else 'not importable, skipped'}; "
+          f"minicaffe's OpenMP wait: {openmp_wait()}; OpenBLAS core type: {native_library_choices()['openblas_coretype']})")
     # The peak is measured again after the nets and the higher kept: a moment of load elsewhere on a
     # shared machine must not lower the yardstick (which would flatter the nets' share of it).
     peaks = {t: sgemm_peak_gflops(t) for t in thread_counts}
@@ -175,7 +170,7 @@ def main(argv=None):
                 else:
                     line += f" {'-':>8} {'-':>8}"
                 if with_torch:
-                    torch_seconds = time_torch(net, threads, iterations, args.warmup)
+                    torch_seconds = time_torch(name, threads, iterations, args.warmup)
                     row.update(torch_median_ms=torch_seconds * 1e3, torch_images_per_s=cost.batch / torch_seconds,
                                minicaffe_over_torch=torch_seconds / seconds)
                     line += (f" {row['torch_median_ms']:>9.1f} {row['torch_images_per_s']:>11.1f} "

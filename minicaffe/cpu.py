@@ -6,9 +6,11 @@ ones (benchmarks/gemm_peak.py measures both), yet environments often pin Haswell
 the AVX-512 subset those kernels need, minicaffe asks for SkylakeX. ``MINICAFFE_OPENBLAS_CORETYPE``
 overrides the choice: a core type name, or ``keep`` to leave the environment alone.
 
-OpenMP threads wait passively (``OMP_WAIT_POLICY=passive``) unless the user says otherwise: on a busy
-machine, spinning waiters steal the core the other thread needs and each parallel region stalls for a
-scheduler tick, while on an idle machine the two policies measure the same.
+OpenMP threads spin briefly before they sleep (``GOMP_SPINCOUNT=1000``, some 10-50 microseconds) unless
+the user sets ``GOMP_SPINCOUNT`` or ``OMP_WAIT_POLICY``. A thread that sleeps at once leaves its core idle,
+and in a virtual machine waking an idle core for the next parallel region took about 0.1 ms, longer
+than many regions' work; a long spin, on the other hand, takes the core from any other busy process
+(docs/ARCHITECTURE.md has the measurements).
 
 This module must not import NumPy or SciPy: ``configure_native_libraries`` runs before they load.
 """
@@ -17,6 +19,9 @@ import sys
 
 # What OpenBLAS's SkylakeX kernels execute.
 SKYLAKEX_FLAGS = frozenset({"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"})
+
+# Spins before an idle OpenMP thread sleeps, unless the user chose (see the module's docstring).
+OPENMP_SPIN_COUNT = "1000"
 
 _choices = {}
 
@@ -39,16 +44,23 @@ def openblas_coretype(flags):
 
 
 def configure_native_libraries():
-    """Sets OPENBLAS_CORETYPE and OMP_WAIT_POLICY for this process, unless BLAS is already loaded."""
+    """Sets OPENBLAS_CORETYPE (unless BLAS is already loaded) and the OpenMP spin for this process."""
     request = os.environ.get("MINICAFFE_OPENBLAS_CORETYPE", "auto")
     coretype = openblas_coretype(cpu_flags()) if request == "auto" else (None if request == "keep" else request)
     # The kernels call SciPy's OpenBLAS (NumPy carries its own copy, which minicaffe barely uses).
     applied = bool(coretype) and "scipy.linalg" not in sys.modules
     if applied:
         os.environ["OPENBLAS_CORETYPE"] = coretype
-    os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+    if "OMP_WAIT_POLICY" not in os.environ:
+        os.environ.setdefault("GOMP_SPINCOUNT", OPENMP_SPIN_COUNT)
     _choices.update(openblas_coretype=os.environ.get("OPENBLAS_CORETYPE", "(OpenBLAS's own probe)"),
-                    requested=coretype, applied=applied)
+                    requested=coretype, applied=applied, openmp_wait=openmp_wait())
+
+
+def openmp_wait():
+    """How OpenMP threads wait in this process, from the environment libgomp reads when it loads."""
+    return ", ".join(f"{name}={os.environ[name]}" for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+                     if name in os.environ) or "libgomp's default"
 
 
 def native_library_choices():
