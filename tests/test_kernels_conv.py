@@ -104,6 +104,9 @@ GEOMETRIES = [
     (3, (4, 4), (3, 3), (3, 3), (2, 2), (1, 1)),   # padding wider than the image: whole zero rows
     (2, (9, 37), (3, 5), (1, 2), (2, 1), (1, 2)),   # rows of several vectors; only the height strided
     (5, (3, 2), (2, 2), (0, 0), (1, 1), (1, 1)),   # rows far shorter than a vector
+    (3, (9, 70), (3, 5), (1, 2), (2, 2), (1, 1)),   # stride-2 rows of several vectors, partial last
+    (2, (7, 61), (3, 3), (1, 1), (1, 2), (1, 2)),   # stride 2 across only, dilated
+    (3, (23, 227), (11, 11), (0, 0), (4, 4), (1, 1)),  # AlexNet's conv1 geometry, stride 4
 ]
 
 
