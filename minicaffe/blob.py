@@ -7,6 +7,7 @@ Blobs are float32. The gradient checker builds layers inside ``blob_dtype(np.flo
 kernels written over Cython's fused ``floating`` type can be checked in double precision.
 """
 import contextlib
+import math
 
 import numpy as np
 
@@ -28,12 +29,13 @@ def blob_dtype(dtype):
 
 
 class Blob:
-    __slots__ = ("_shape", "_data_buf", "_diff_buf", "_data_owner", "_diff_owner", "name", "dtype")
+    __slots__ = ("_shape", "_count", "_data_buf", "_diff_buf", "_data_owner", "_diff_owner", "name", "dtype")
 
     def __init__(self, shape=(), name=""):
         self.name = name
         self.dtype = _default_dtype
         self._shape = ()
+        self._count = 1
         self._data_buf = np.zeros(0, dtype=self.dtype)
         self._diff_buf = np.zeros(0, dtype=self.dtype)
         self._data_owner = self
@@ -51,7 +53,7 @@ class Blob:
 
     @property
     def count(self):
-        return int(np.prod(self._shape, dtype=np.int64)) if self._shape else 1
+        return self._count
 
     def count_range(self, start, end=None):
         """Product of the dimensions in [start, end)."""
@@ -73,7 +75,8 @@ class Blob:
         if any(d < 0 for d in shape):
             raise MinicaffeError(f"blob '{self.name}': negative dimension in shape {shape}")
         self._shape = shape
-        n = self.count
+        # Kept, not recomputed: data and diff, read hundreds of times an iteration, need it.
+        self._count = n = math.prod(shape)
         if self._data_owner is self and self._data_buf.size < n:
             self._data_buf = np.zeros(n, dtype=self.dtype)
         if self._diff_owner is self and self._diff_buf.size < n:
@@ -97,10 +100,10 @@ class Blob:
     # -- storage -----------------------------------------------------------------------------------
     @property
     def data(self):
-        buf = self._data_owner._data_buf
-        if buf.size < self.count:
+        buf, n = self._data_owner._data_buf, self._count
+        if buf.size < n:
             raise MinicaffeError(f"blob '{self.name}' shares data with a smaller blob")
-        return buf[: self.count].reshape(self._shape)
+        return buf[:n].reshape(self._shape)
 
     @data.setter
     def data(self, value):
@@ -108,10 +111,10 @@ class Blob:
 
     @property
     def diff(self):
-        buf = self._diff_owner._diff_buf
-        if buf.size < self.count:
+        buf, n = self._diff_owner._diff_buf, self._count
+        if buf.size < n:
             raise MinicaffeError(f"blob '{self.name}' shares diff with a smaller blob")
-        return buf[: self.count].reshape(self._shape)
+        return buf[:n].reshape(self._shape)
 
     @diff.setter
     def diff(self, value):

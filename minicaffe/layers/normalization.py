@@ -1,5 +1,7 @@
 """Normalization layers, as Caffe's: LRN, BatchNorm, and the Scale and Bias layers that give
 BatchNorm its affine part (kernels in minicaffe/kernels/lrn.pyx and batchnorm.pyx)."""
+import math
+
 import numpy as np
 
 from minicaffe.errors import MinicaffeError
@@ -119,7 +121,7 @@ class BatchNormLayer(Layer):
 
     def _layout(self, shape):
         num = shape[0]
-        spatial = int(np.prod(shape[2:], dtype=np.int64))
+        spatial = math.prod(shape[2:])
         return (num, self.channels, spatial)
 
     def reshape(self, bottom, top):
