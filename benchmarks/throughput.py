@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from minicaffe import Net, TRAIN  # noqa: E402
-from minicaffe.cpu import native_library_choices, openmp_wait  # noqa: E402
+from minicaffe.cpu import native_library_choices  # noqa: E402
 from minicaffe.flops import net_flops  # noqa: E402
 from minicaffe.threads import blas_single_threaded, set_num_threads  # noqa: E402
 
@@ -132,9 +132,10 @@ def main(argv=None):
     thread_counts = [int(t) for t in args.threads.split(",") if t]
     with_torch = torch_available()
 
+    native = native_library_choices()
     print(f"load average at start: {load_average()}  (cores: {len(os.sched_getaffinity(0))}; "
           f"PyTorch: {'yes, in a child process' if with_torch else 'not importable, skipped'}; "
-          f"minicaffe's OpenMP wait: {openmp_wait()}; OpenBLAS core type: {native_library_choices()['openblas_coretype']})")
+          f"minicaffe's OpenMP wait: {native['openmp_wait']}; OpenBLAS core type: {native['openblas_coretype']})")
     # The peak is measured again after the nets and the higher kept: a moment of load elsewhere on a
     # shared machine must not lower the yardstick (which would flatter the nets' share of it).
     peaks = {t: sgemm_peak_gflops(t) for t in thread_counts}

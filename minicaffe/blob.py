@@ -58,7 +58,7 @@ class Blob:
     def count_range(self, start, end=None):
         """Product of the dimensions in [start, end)."""
         end = self.num_axes if end is None else end
-        return int(np.prod(self._shape[start:end], dtype=np.int64))
+        return math.prod(self._shape[start:end])
 
     def canonical_axis(self, axis):
         """Turns a negative axis into a positive one, checking its range (Caffe's CanonicalAxisIndex)."""

@@ -545,7 +545,7 @@ cdef void backward_impl(const Plan* p, const floating* x, const floating* w, con
     cdef int buffers = 1 if p.wide else max(workers, 1)
     cdef int per_worker = p.batch // workers if workers > 0 and not p.wide else 0
     cdef int sets_used = workers if per_worker > 0 else 1
-    cdef int t, n, c, b, row, split_from = per_worker * workers
+    cdef int t, n, c, split_from = per_worker * workers
     cdef floating* db_parts = workspace + (wide_elements(p) if p.wide else buffers * p.col_size)
     cdef floating* dw_parts = db_parts + buffers * m
     cdef floating* col
@@ -554,7 +554,6 @@ cdef void backward_impl(const Plan* p, const floating* x, const floating* w, con
     cdef int dw_rows = p.group * p.k_per_group
     cdef floating* x_col
     cdef floating* dx_col
-    cdef floating total
     if p.winograd:
         winograd_backward(p, x, w, dy, dx, dw, db, workspace)
         return
@@ -627,11 +626,7 @@ cdef void backward_impl(const Plan* p, const floating* x, const floating* w, con
             add_parts(dw_parts, sets_used - 1, p.weight_size, block_begin(p.weight_size, threads, t),
                       block_begin(p.weight_size, threads, t + 1), dw)
     if db != NULL:
-        for row in range(m):
-            total = db[row]
-            for b in range(sets_used):
-                total = total + db_parts[b * m + row]
-            db[row] = total
+        add_parts(db_parts, sets_used, m, 0, m, db)
 
 
 def conv_backward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w,
